@@ -1,0 +1,163 @@
+r"""AdaFocal (OACIR): BLIP-2 (EVA ViT-g/14 + Q-Former) with the Context-Aware Attention Modulator.
+
+Run on a TPU VM (the OACIRR shards come from `python -m data_prep.oacirr`):
+
+  python -m idmr_jax.main --config=configs/oacir.py --workdir=gs://BUCKET/oacir \
+      --config.data.train_dir=gs://BUCKET/oacirr/union-train --config.data.val_dir=gs://BUCKET/oacirr/val \
+      --config.model.init.path=/path/to/blip2-itm-vit-g
+
+The argument after ':' is a comma-separated list of keywords:
+
+  paper | release       optimiser recipe (default: release, as in the official code)
+  baseline              standard CIR baseline: no CAAM, beta = 0
+  fixed_beta=X          a fixed, hand-set beta instead of CAAM
+  vector                one beta per query token instead of a scalar
+  crm=transformer|mlp|avgpool, crm_layers=N, probes=N, frozen_probes
+                        CAAM ablations
+  roi                   ROI-cropped baseline: the reference image is cropped to its box, no CAAM
+  entity                text-entity prompts ("Same {entity}, ...")
+  tiny                  tiny random model (tests, smoke runs)
+  fake                  synthetic in-memory batches of the right shapes (benchmarks, tests)
+  demo                  the laptop demo (tiny model on a small real-photo benchmark)
+
+e.g. ``configs/oacir.py:paper,vector`` or ``configs/oacir.py:tiny,fake``.
+"""
+
+import ml_collections
+
+from idmr_jax import sharding
+
+
+def _parse(arg: str | None) -> dict[str, str]:
+    out = {}
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        out[key.strip()] = value.strip() or "1"
+    return out
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = _parse(arg)
+    known = {"paper", "release", "baseline", "fixed_beta", "vector", "crm", "crm_layers", "probes",
+             "frozen_probes", "roi", "entity", "tiny", "fake", "demo"}
+    if unknown := set(args) - known:
+        raise ValueError(f"unknown config keywords {sorted(unknown)}; known: {sorted(known)}")
+    tiny = "tiny" in args or "demo" in args
+
+    c = ml_collections.ConfigDict()
+    c.task = "adafocal"
+    c.mode = "train"  # train | eval
+    c.seed = 0
+
+    # ---------------------------------------------------------------- model
+    m = c.model = ml_collections.ConfigDict()
+    m.vision = ml_collections.ConfigDict(dict(
+        kind="vit", variant="eva-tiny" if tiny else "eva-g/14", image_size=56 if tiny else 224,
+        dtype="float32" if tiny else "bfloat16",  # the frozen ViT runs in bf16 (the release uses fp16)
+        remat="none", scan=not tiny))
+    m.qformer = ml_collections.ConfigDict(dict(
+        hidden_size=64 if tiny else 768, num_layers=4 if tiny else 12, num_heads=4 if tiny else 12,
+        intermediate_size=128 if tiny else 3072, cross_attention_freq=2, vocab_size=30522,
+        max_position_embeddings=512, dtype="float32",
+        # BERT's 0.02 init leaves a *random* tiny Q-Former almost blind to its input, so its contrastive loss
+        # sits at log(B) for many steps; real runs start from pretrained weights (config.model.init).
+        initializer_range=0.2 if tiny else 0.02))
+    m.num_query_tokens = 8 if tiny else 32
+    m.embed_dim = 32 if tiny else 256
+    m.temp_init = 0.07
+    m.freeze_vision = True
+    m.beta_mode = "adaptive"  # adaptive (CAAM) | fixed | none (standard CIR baseline)
+    m.fixed_beta = 0.0
+    m.caam = ml_collections.ConfigDict(dict(
+        num_probes=8, aggregator="transformer", num_layers=2, num_heads=4 if tiny else 8,
+        ffn_dim=128 if tiny else 2048, dropout=0.1, head_hidden=64 if tiny else 512,
+        beta="scalar", probes_trainable=True))
+    # Pretrained weights: format is one of "", hf_blip2, lavis_blip2, bert (Q-Former text path from BERT).
+    m.init = ml_collections.ConfigDict(dict(format="", path=""))
+
+    if "baseline" in args or "roi" in args:
+        m.beta_mode = "none"
+    if "fixed_beta" in args:
+        m.beta_mode, m.fixed_beta = "fixed", float(args["fixed_beta"])
+    if "vector" in args:
+        m.caam.beta = "vector"
+    if "crm" in args:
+        m.caam.aggregator = args["crm"]
+    if "crm_layers" in args:
+        m.caam.num_layers = int(args["crm_layers"])
+    if "probes" in args:
+        m.caam.num_probes = int(args["probes"])
+    if "frozen_probes" in args:
+        m.caam.probes_trainable = False
+
+    # ---------------------------------------------------------------- data
+    d = c.data = ml_collections.ConfigDict()
+    d.source = "fake" if "fake" in args or tiny else "arrayrecord"  # arrayrecord | fake
+    d.train_dir = ""
+    d.val_dir = ""
+    d.batch_size = 16 if tiny else 256  # global batch
+    d.image_size = m.vision.image_size
+    d.max_text_len = 32
+    d.tokenizer = ""  # a folder with a BERT WordPiece vocab; "" = the bundled all-MiniLM-L6-v2 tokenizer
+    d.text_entity = "entity" in args
+    d.roi_crop = "roi" in args
+    d.num_workers = 2
+    d.shuffle_seed = 0
+    d.fake_pool = 64  # fake source: number of distinct synthetic examples cycled through
+
+    # ---------------------------------------------------------------- optimiser
+    o = c.optim = ml_collections.ConfigDict()
+    recipe = "paper" if "paper" in args else "release"
+    o.recipe = recipe
+    o.b1, o.b2, o.weight_decay = 0.9, 0.98, 0.05
+    o.grad_clip_norm = 0.0
+    o.warmup_steps = 0
+    if recipe == "paper":
+        o.eps = 1e-8
+        o.schedule = "constant"
+        # (name, regex over param paths, peak lr): CAAM at 1e-4, everything else (Q-Former, heads) at 1e-5.
+        o.groups = [("caam", r"^(probe_tokens|crm)(/|$)", 1e-4), ("qformer", r".*", 1e-5)]
+        epochs, batch = 20, 128
+    else:
+        o.eps = 1e-7
+        o.schedule = "onecycle"
+        o.groups = [("all", r".*", 1e-5)]
+        epochs, batch = 50, 256
+    o.pct_start = 1.5 / epochs
+    o.div_factor = 100.0
+    o.final_div_factor = 1e4
+    o.cycle_momentum = True  # PyTorch OneCycleLR default: beta1 cycles 0.95 -> 0.85 -> 0.95
+    o.base_momentum, o.max_momentum = 0.85, 0.95
+    if not tiny:
+        d.batch_size = batch
+    if tiny:
+        # Tiny random models on short runs: 100x larger steps, no one-cycle warm-up.
+        o.groups = [(name, rx, lr * 100) for name, rx, lr in o.groups]
+        o.schedule = "constant"
+
+
+    # ---------------------------------------------------------------- loss
+    c.loss = ml_collections.ConfigDict(dict(direction="q2t", label_smoothing=0.0, chunked=False))
+
+    # ---------------------------------------------------------------- training
+    t = c.train = ml_collections.ConfigDict()
+    t.num_epochs = epochs
+    t.num_steps = 20 if tiny else 0  # > 0 overrides num_epochs
+    t.log_every = 5 if tiny else 50
+    t.checkpoint_every = 10 if tiny else 1000
+    t.keep_checkpoints = 3
+    t.async_checkpoints = True
+    t.progress = True
+
+    # ---------------------------------------------------------------- evaluation
+    e = c.eval = ml_collections.ConfigDict()
+    e.at_end = True
+    e.batch_size = 16 if tiny else 256
+    e.box_perturbation = "none"  # none | iou0.8 | iou0.5 | no_box (paper Table 10)
+    e.grid_queries = 8  # queries shown per subset in the PNG result grid
+
+    # ---------------------------------------------------------------- sharding
+    s = c.sharding = ml_collections.ConfigDict()
+    s.mesh = dict(data=-1, fsdp=1, model=1)
+    s.rules = [list(r) for r in sharding.DEFAULT_RULES]
+    return c

@@ -1,0 +1,1 @@
+"""Dataset converters: released datasets -> sharded ArrayRecord files with a manifest (see `data_prep.oacirr`)."""

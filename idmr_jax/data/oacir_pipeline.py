@@ -1,0 +1,162 @@
+"""Grain pipelines over converted OACIRR shards (see `data_prep.oacirr` and `idmr_jax.data.records`).
+
+Training:
+    ArrayRecord query shards -> this process's share (ShardByJaxProcess) -> seeded shuffle, reseeded every
+    epoch -> repeat -> decode + TargetPad(1.25)/resize/crop/CLIP-normalise (reference and target, the target
+    read from the gallery shards by key) -> box through the same affine map -> patch mask -> BERT tokens
+    (max 32) -> batches of this process's rows -> optional worker processes.
+The iterator's state (``get_state``/``set_state``) is saved with every checkpoint, so a resumed run sees
+exactly the examples an uninterrupted run would have seen.
+
+Evaluation reads the val shards in order (no shuffle) through the same per-example transforms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+
+import grain
+import jax
+import numpy as np
+from PIL import Image
+
+from idmr_jax.data import image_ops, records, text
+from idmr_jax.data.boxes import box_to_patch_mask, perturb_box
+
+QUERY_GLOB = "queries-*.array_record"
+GALLERY_GLOB = "gallery-*.array_record"
+BOX_PERTURBATIONS = {"none": "exact", "iou0.8": "scale", "iou0.5": "scale_shift", "no_box": "none"}
+
+
+def decode_image(data: bytes, *, source: str) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    except Exception as e:  # noqa: BLE001 - a broken image names its record
+        raise ValueError(f"{source}: image does not decode ({type(e).__name__}: {e})") from e
+
+
+@dataclasses.dataclass
+class ImageSpec:
+    """Preprocessing geometry: square input `size`, TargetPad `pad_ratio`, the encoder's patch `grid`."""
+
+    size: int
+    grid: tuple[int, int]
+    pad_ratio: float = 1.25
+
+
+def reference_inputs(rec: records.QueryRecord, spec: ImageSpec, *, roi_crop: bool = False,
+                     box_mode: str = "exact", seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(pixels, patch mask [1+gh*gw], box in the 224 frame or None) for a query's reference image."""
+    image = decode_image(rec.reference_image, source=f"query {rec.reference_name!r} field 'reference_image'")
+    box = rec.reference_box
+    if box is not None and box_mode != "exact":
+        box = perturb_box(box, box_mode, (image.height, image.width), seed=(seed, rec.source_index))
+    if roi_crop and box is not None:
+        # ROI-cropped baseline: the model sees only the boxed region, and no box.
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        image, box = image.crop((x1, y1, max(x2, x1 + 1), max(y2, y1 + 1))), None
+    pixels, final_box = image_ops.preprocess(image, box, spec.size, spec.pad_ratio)
+    mask = box_to_patch_mask(final_box, spec.grid, (spec.size, spec.size))
+    return pixels, mask, final_box
+
+
+def query_text(rec: records.QueryRecord, *, text_entity: bool) -> str:
+    t = text.blip_caption(rec.modification_text)
+    return text.with_entity_prompt(t, rec.object_category, rec.source_index) if text_entity else t
+
+
+class _GalleryReader:
+    """Random access to gallery records by global key; opened lazily so it pickles into Grain workers."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = list(paths)
+        self._source = None
+
+    def __getstate__(self):
+        return {"paths": self.paths, "_source": None}
+
+    def __getitem__(self, key: int) -> records.GalleryRecord:
+        if self._source is None:
+            self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        return records.decode_gallery(self._source[int(key)])
+
+    def __len__(self) -> int:
+        if self._source is None:
+            self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        return len(self._source)
+
+
+class TrainExample(grain.transforms.Map):
+    """Query record bytes -> one training example (module level: Grain workers are spawned)."""
+
+    def __init__(self, gallery_paths: list[str], spec: ImageSpec, tokenizer: text.Tokenizer,
+                 text_entity: bool = False, roi_crop: bool = False):
+        self.gallery = _GalleryReader(gallery_paths)
+        self.spec, self.tokenizer = spec, tokenizer
+        self.text_entity, self.roi_crop = text_entity, roi_crop
+
+    def map(self, element: bytes) -> dict[str, np.ndarray]:
+        rec = records.decode_query(element)
+        ref, mask, _ = reference_inputs(rec, self.spec, roi_crop=self.roi_crop)
+        target = self.gallery[rec.target_gallery_index]
+        if target.name != rec.target_name:
+            raise ValueError(f"query {rec.reference_name!r}: target_gallery_index {rec.target_gallery_index} "
+                             f"points at {target.name!r}, not {rec.target_name!r}")
+        tgt, _ = image_ops.preprocess(decode_image(target.image, source=f"gallery {target.name!r} field 'image'"),
+                                      None, self.spec.size, self.spec.pad_ratio)
+        ids, att = self.tokenizer([query_text(rec, text_entity=self.text_entity)])
+        return {"ref_pixels": ref, "tgt_pixels": tgt, "input_ids": ids[0], "attention_mask": att[0],
+                "box_mask": mask}
+
+
+class _Iterator:
+    """Grain iterator plus the epoch length; state round-trips through checkpoints."""
+
+    def __init__(self, it, steps_per_epoch: int):
+        self._it, self.steps_per_epoch = it, steps_per_epoch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def get_state(self):
+        return self._it.get_state()
+
+    def set_state(self, state):
+        self._it.set_state(state)
+
+
+def image_spec(model_config) -> ImageSpec:
+    vision = model_config.blip2.vision
+    return ImageSpec(size=vision.image_size, grid=tuple(vision.grid))
+
+
+def train_iterator(config, model_config) -> _Iterator:
+    """The training iterator over ``config.data.train_dir`` (this process's rows of each global batch)."""
+    d = config.data
+    if not d.train_dir:
+        raise ValueError("config.data.train_dir is empty: point it at the output of `python -m data_prep.oacirr`")
+    query_paths = records.shard_paths(os.path.join(d.train_dir, QUERY_GLOB))
+    gallery_paths = records.shard_paths(os.path.join(d.train_dir, GALLERY_GLOB))
+    shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    per_host_files = len(query_paths) // shard.shard_count
+    if d.num_workers > max(per_host_files, 1):
+        raise ValueError(f"{d.num_workers} data workers but only {len(query_paths)} query shards for "
+                         f"{shard.shard_count} host(s) ({per_host_files} per host): lower config.data.num_workers "
+                         "or convert with more --num-shards")
+    if d.batch_size % shard.shard_count:
+        raise ValueError(f"global batch {d.batch_size} does not divide over {shard.shard_count} processes")
+    source = grain.sources.ArrayRecordDataSource(query_paths)
+    ds = grain.MapDataset.source(source)[shard.shard_index::shard.shard_count]
+    ds = ds.shuffle(seed=d.shuffle_seed).repeat()  # reseeded per epoch: a new order every epoch
+    ds = ds.map(TrainExample(gallery_paths, image_spec(model_config), text.Tokenizer(d.tokenizer, d.max_text_len),
+                             text_entity=d.text_entity, roi_crop=d.roi_crop))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(d.get("read_threads", 2), 1), prefetch_buffer_size=64))
+    ds = ds.batch(d.batch_size // shard.shard_count, drop_remainder=True)
+    if d.num_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
+    return _Iterator(iter(ds), steps_per_epoch=len(source) // d.batch_size)

@@ -1,0 +1,1 @@
+"""Evaluation: OACIR metrics (`metrics`) and chunked / sharded gallery top-k retrieval (`retrieval`)."""

@@ -1,0 +1,21 @@
+"""Contrastive losses over the global batch: dense reference, gathered and chunked (ring) shard_map forms."""
+
+from idmr_jax.losses.contrastive import (
+    BATCH_AXES,
+    global_infonce,
+    infonce_dense,
+    infonce_gspmd,
+    similarity,
+)
+from idmr_jax.losses.memory import loss_memory_profile
+from idmr_jax.losses.ring import ring_infonce
+
+__all__ = [
+    "BATCH_AXES",
+    "global_infonce",
+    "infonce_dense",
+    "infonce_gspmd",
+    "loss_memory_profile",
+    "ring_infonce",
+    "similarity",
+]

@@ -1,0 +1,214 @@
+"""Small building blocks shared by the Flax NNX ports (ViT, Q-Former, ...).
+
+Everything here is generic: parameters carry logical axis names (see ``idmr_jax.sharding.DEFAULT_RULES``),
+the compute dtype is separate from the parameter dtype, and numerically sensitive reductions (LayerNorm
+statistics, softmax) run in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Shape = int | Sequence[int]
+Axes = Sequence[str | None]
+DType = Any
+
+# ----------------------------------------------------------------------------------------------
+# Initialisers and parameter creation.
+
+
+def trunc_normal(std: float = 0.02) -> Callable:
+    """Truncated normal (at +-2 std) initialiser, the ViT/BERT default."""
+    return jax.nn.initializers.truncated_normal(stddev=std)
+
+
+def make_param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Axes, dtype: DType) -> nnx.Param:
+    """Creates an ``nnx.Param`` with logical axis names (one per dimension) as sharding metadata."""
+    shape = tuple(int(s) for s in shape)
+    if len(axes) != len(shape):
+        raise ValueError(f"param of shape {shape} needs {len(shape)} logical axis names, got {tuple(axes)}")
+    return nnx.Param(nnx.with_partitioning(init, tuple(axes))(rngs.params(), shape, dtype))
+
+
+def _as_tuple(x: Shape) -> tuple[int, ...]:
+    return (int(x),) if isinstance(x, int | np.integer) else tuple(int(v) for v in x)
+
+
+def to_precision(precision: str | jax.lax.Precision | None) -> jax.lax.Precision | None:
+    """Maps "default"/"high"/"highest" (config-friendly strings) to ``jax.lax.Precision``."""
+    if precision is None or isinstance(precision, jax.lax.Precision):
+        return precision
+    return jax.lax.Precision[str(precision).upper()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers.
+
+
+class Dense(nnx.Module):
+    """A linear layer over possibly multi-dimensional feature shapes, with logical axis names.
+
+    ``kernel`` has shape ``in_features + out_features`` (e.g. ``[embed, heads, head_dim]`` for a
+    per-head projection), so tensor parallelism can shard whole heads; ``bias`` has ``out_features``.
+    Inputs are contracted over their last ``len(in_features)`` dimensions.
+    """
+
+    def __init__(
+        self,
+        in_features: Shape,
+        out_features: Shape,
+        *,
+        in_axes: Axes,
+        out_axes: Axes,
+        use_bias: bool = True,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        precision: str | jax.lax.Precision | None = None,
+        kernel_init: Callable = trunc_normal(0.02),
+        bias_init: Callable = jax.nn.initializers.zeros,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = _as_tuple(in_features)
+        self.out_features = _as_tuple(out_features)
+        self.dtype = dtype
+        self.precision = to_precision(precision)
+        self.kernel = make_param(
+            rngs, kernel_init, self.in_features + self.out_features, tuple(in_axes) + tuple(out_axes), param_dtype)
+        self.bias = make_param(rngs, bias_init, self.out_features, out_axes, param_dtype) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_features)
+        if x.shape[-n_in:] != self.in_features:
+            raise ValueError(f"Dense expects trailing dims {self.in_features}, got input {x.shape}")
+        dtype = self.dtype or x.dtype
+        kernel = self.kernel[...].astype(dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(dtype), kernel, (contract, ((), ())), precision=self.precision)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis; statistics in float32 (two-pass variance, as torch), output in `dtype`."""
+
+    def __init__(self, features: int, *, eps: float = 1e-5, axes: Axes = ("embed",), dtype: DType | None = None,
+                 param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+        self.eps = float(eps)
+        self.dtype = dtype
+        self.scale = make_param(rngs, jax.nn.initializers.ones, (features,), axes, param_dtype)
+        self.bias = make_param(rngs, jax.nn.initializers.zeros, (features,), axes, param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centered = x32 - mean
+        var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+        y = centered * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations (names as in transformers' ACT2FN where they coincide).
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact erf form (torch nn.GELU default)
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Looks up an activation by name, with a clear error for unknown names."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention.
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    scale: float | None = None,
+    precision: str | jax.lax.Precision | None = None,
+) -> jax.Array:
+    """Multi-head attention ``softmax(q k^T * scale + bias) v`` on ``[batch, length, heads, head_dim]`` inputs.
+
+    The logits are accumulated and soft-maxed in float32 (bf16 logits lose too much for long sequences);
+    the probabilities are cast back to the value dtype for the second matmul. `bias` is additive and
+    broadcastable to ``[batch, heads, q_length, kv_length]`` (masks go in as large negative values).
+    Returns ``[batch, q_length, heads, head_dim]`` in the value dtype.
+    """
+    precision = to_precision(precision)
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, precision=precision,
+                        preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, value, precision=precision)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resizing of learned position tables.
+
+
+def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """The ``[out_size, in_size]`` matrix of ``torch.nn.functional.interpolate(mode="bicubic",
+    align_corners=False)`` along one axis (Keys kernel with A = -0.75, border-replicated taps).
+
+    Used to resize learned position embeddings exactly as transformers' ``interpolate_pos_encoding`` does
+    (``jax.image.resize`` uses A = -0.5 and antialiasing, which would not match converted checkpoints).
+    """
+    a = -0.75
+    scale = in_size / out_size
+    m = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        # torch does not clamp the source coordinate to >= 0 for cubic modes; the taps are clamped instead.
+        src = (i + 0.5) * scale - 0.5
+        base = int(np.floor(src))
+        t = src - base
+        weights = (
+            ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+            ((a + 2) * t - (a + 3)) * t * t + 1,
+            ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+            ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
+        )
+        for k, w in enumerate(weights):
+            m[i, min(max(base - 1 + k, 0), in_size - 1)] += w
+    return m
+
+
+def resize_grid_embedding(table: jax.Array, in_grid: tuple[int, int], out_grid: tuple[int, int]) -> jax.Array:
+    """Bicubically resizes a ``[gh*gw, dim]`` row-major grid of embeddings to ``out_grid`` (torch semantics)."""
+    if tuple(in_grid) == tuple(out_grid):
+        return table
+    rows = jnp.asarray(torch_bicubic_matrix(in_grid[0], out_grid[0]), jnp.float32)
+    cols = jnp.asarray(torch_bicubic_matrix(in_grid[1], out_grid[1]), jnp.float32)
+    grid = table.reshape(in_grid[0], in_grid[1], table.shape[-1]).astype(jnp.float32)
+    out = jnp.einsum("hH,wW,HWd->hwd", rows, cols, grid, precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(out_grid[0] * out_grid[1], table.shape[-1]).astype(table.dtype)

@@ -1,0 +1,117 @@
+"""Logical axis names -> mesh axes, activation constraints and sharded initialisation.
+
+Modules annotate params with logical names (``nnx.with_partitioning(init, ("embed", "mlp"))``) and
+activations with :func:`constrain`. The mapping from logical names to the mesh axes
+``(data, fsdp, model)`` lives in the config (``config.sharding.rules``), as in MaxText / flax lm1b.
+Outside an :func:`axis_rules` context :func:`constrain` is a no-op, so models run unchanged on one device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "model")
+
+# Logical name -> mesh axis (or tuple of axes, or None = replicated). First match wins.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("qkv", "model"),
+    ("kv", None),
+    ("vocab", "model"),
+    ("length", None),
+    ("layers", None),
+    ("patch", None),
+    ("channels", None),
+    ("vision_embed", "fsdp"),
+    ("proj", None),
+)
+
+Rules = Sequence[tuple[str, Any]]
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("idmr_axis_rules", default=None)
+
+
+def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a (data, fsdp, model) mesh with Auto axes; a -1 entry takes the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, dict) else list(shape)
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {len(devices)}")
+    # Auto axes: sharding constraints and GSPMD propagation (jax.make_mesh defaults to Explicit now).
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(sizes), devices=devices)
+
+
+def logical_to_pspec(axes: Sequence[str | None] | None, rules: Rules) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once per spec."""
+    if axes is None:
+        return PartitionSpec()
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name in axes:
+        target = table.get(name) if name is not None else None
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        targets = tuple(t for t in targets if t not in used)
+        used.update(targets)
+        out.append(targets[0] if len(targets) == 1 else (targets or None))
+    return PartitionSpec(*out)
+
+
+@contextlib.contextmanager
+def axis_rules(mesh: Mesh, rules: Rules):
+    """Activates `mesh` and logical `rules` for :func:`constrain` inside the block (also under jit tracing)."""
+    token = _ACTIVE.set((mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical names; a no-op outside :func:`axis_rules`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_pspec(axes, rules)))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
+    """NamedShardings for every variable of `state` from its logical `out_sharding` metadata."""
+
+    def one(var):
+        names = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
+        return NamedSharding(mesh, logical_to_pspec(names, rules))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def sharded_init(build: Callable[[], nnx.Module], mesh: Mesh, rules: Rules) -> nnx.Module:
+    """Builds a module directly into its sharded layout: eval_shape, then jit with out_shardings.
+
+    A full-size model therefore never materialises on a single device.
+    """
+    abstract = nnx.eval_shape(build)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+
+    def init_state():
+        return nnx.split(build())[1]
+
+    state = jax.jit(init_state, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)

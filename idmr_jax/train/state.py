@@ -1,0 +1,109 @@
+"""The train state, its sharded creation and the jitted train step.
+
+The model is split once into a static ``graphdef`` and three states: trainable params, frozen params (e.g. the
+frozen ViT) and everything else (e.g. RNG counters). Only the trainable state is differentiated and updated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from idmr_jax import sharding as shd
+
+LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State          # trainable
+    frozen: nnx.State          # frozen params and non-param variables
+    opt_state: optax.OptState
+    rng: jax.Array             # base key; the step key is fold_in(rng, step), so resuming replays it exactly
+
+
+def frozen_filter(patterns: Sequence[str]) -> Callable[[tuple, Any], bool]:
+    """An nnx filter that is true for params whose ``/``-joined path matches any regex in `patterns`."""
+    compiled = [re.compile(p) for p in patterns]
+
+    def is_frozen(path, _):
+        p = "/".join(str(k) for k in path)
+        return any(rx.search(p) for rx in compiled)
+
+    return is_frozen
+
+
+def split_model(model: nnx.Module, frozen_patterns: Sequence[str]):
+    """(graphdef, trainable params, frozen rest) of `model`."""
+    trainable = nnx.All(nnx.Param, nnx.Not(frozen_filter(frozen_patterns)))
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    return graphdef, params, frozen
+
+
+def create_train_state(build_model: Callable[[], nnx.Module], frozen_patterns: Sequence[str],
+                       make_optimizer: Callable[[nnx.State], optax.GradientTransformation],
+                       rng: jax.Array, mesh: Mesh, rules) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """Creates the train state directly in its sharded layout (eval_shape, then jit with out_shardings).
+
+    Returns (graphdef, state, state_shardings). A full-size model never materialises on one device.
+    """
+
+    def init() -> TrainState:
+        model = build_model()
+        _, params, frozen = split_model(model, frozen_patterns)
+        opt_state = make_optimizer(params).init(params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=opt_state, rng=rng)
+
+    abstract = jax.eval_shape(init)
+    shardings = shd.state_shardings(abstract, mesh, rules)
+    state = jax.jit(init, out_shardings=shardings)()
+    graphdef, _, _ = split_model(nnx.eval_shape(build_model), frozen_patterns)
+    return graphdef, state, shardings
+
+
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    lr_schedules: dict[str, optax.Schedule], state_shardings, batch_sharding) -> Callable:
+    """One jitted update ``(state, batch) -> (state, metrics)`` with the state donated."""
+
+    def step(state: TrainState, batch: dict):
+        step_rng = jax.random.fold_in(state.rng, state.step)
+
+        def objective(params):
+            # Fresh Variable objects for this trace: the loss may reseed / advance RNG variables, which NNX
+            # only allows on variables created at the current trace level.
+            frozen = jax.tree.map(lambda x: x, state.frozen)
+            model = nnx.merge(graphdef, params, frozen)
+            return loss_fn(model, batch, step_rng)
+
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+            **{f"lr/{name}": sched(state.step) for name, sched in lr_schedules.items()},
+            **aux,
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    # Metrics are scalars: leave their placement to the compiler.
+    return jax.jit(step, donate_argnums=(0,), in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, None))
+
+
+def batch_shardings(mesh: Mesh, rules, batch_example: dict) -> dict:
+    """Shards every batch array on its leading (batch) axis over the mesh's batch axes."""
+    spec = shd.logical_to_pspec(("batch",), rules)
+    return {k: NamedSharding(mesh, PartitionSpec(*spec, *([None] * (v.ndim - 1)))) for k, v in batch_example.items()}

@@ -1,0 +1,164 @@
+"""The training loop shared by every task (AdaFocal, MLLM embedders): one trainer, many tasks.
+
+    state  <- restore latest checkpoint (params, optimiser, step, RNG + data iterator) or sharded init
+    loop:     batch -> global arrays on the mesh -> jitted step (state donated) -> metrics / checkpoints
+    end:      final checkpoint, then the task's evaluation
+
+Determinism: the step's RNG is fold_in(base_rng, step) and the data iterator's state is saved with the model,
+so a killed-and-restarted run replays exactly the steps an uninterrupted run would take.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from idmr_jax import sharding as shd
+from idmr_jax.train import checkpoint as ckpt_lib
+from idmr_jax.train import optim
+from idmr_jax.train.metric_writer import MetricWriter
+from idmr_jax.train.state import batch_shardings, create_train_state, make_train_step, split_model
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; training stops instead of writing a corrupted checkpoint."""
+
+
+class Task(Protocol):
+    """What the trainer needs from a model family (see idmr_jax/tasks/)."""
+
+    config: ml_collections.ConfigDict
+    frozen_patterns: tuple[str, ...]
+
+    def build_model(self) -> nnx.Module: ...
+    def load_pretrained(self, state, mesh) -> Any: ...
+    def bind_mesh(self, mesh) -> Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]: ...
+    def train_iterator(self) -> Any: ...
+    def evaluate(self, model: nnx.Module, workdir: epath.Path, step: int) -> dict: ...
+
+
+def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:
+    """Assembles each process's share of the batch into global arrays on the mesh."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
+
+
+def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int | None) -> int:
+    if config.train.get("num_steps"):
+        return int(config.train.num_steps)
+    if not steps_per_epoch:
+        raise ValueError("set config.train.num_steps, or use a data source that knows its epoch length")
+    return int(config.train.num_epochs * steps_per_epoch)
+
+
+def train_and_evaluate(task: Task, workdir: str | epath.Path) -> dict:
+    """Trains `task` in `workdir` (resuming if it holds checkpoints) and returns the final eval metrics."""
+    config = task.config
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = shd.make_mesh(dict(config.sharding.mesh))
+    rules = tuple(tuple(r) for r in config.sharding.rules)
+    logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+
+    data_iter = task.train_iterator()
+    total_steps = total_train_steps(config, getattr(data_iter, "steps_per_epoch", None))
+
+    with shd.axis_rules(mesh, rules):
+        _, abstract_trainable, _ = split_model(nnx.eval_shape(task.build_model), task.frozen_patterns)
+        optimizer, schedules = optim.make_optimizer(config.optim, abstract_trainable, total_steps)
+        rng = jax.random.key_data(jax.random.key(config.seed))
+        graphdef, state, state_sh = create_train_state(
+            task.build_model, task.frozen_patterns, lambda _: optimizer, rng, mesh, rules)
+
+        checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.get("keep_checkpoints", 3),
+                                             async_save=config.train.get("async_checkpoints", True))
+        restored = checkpointer.restore_latest(state, data_iter)
+        if restored is not None:
+            state, start = restored
+            logging.info("resumed from step %d", start)
+            print(f"resuming from checkpoint at step {start}")
+        else:
+            state = task.load_pretrained(state, mesh)
+            start = 0
+
+        batch_sh = None
+        train_step = None
+        writer = MetricWriter(workdir, total_steps, initial_step=start, progress=config.train.get("progress", True))
+        config_json = ckpt_lib.config_to_json(config)
+        log_every = int(config.train.log_every)
+        ckpt_every = int(config.train.checkpoint_every)
+        pending = None  # (step, metrics) of the previous step: checked after the next one is dispatched
+        window_start, window_steps = time.perf_counter(), 0
+        global_bs = int(config.data.batch_size)
+
+        def check(step_no: int, metrics: dict):
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(f"loss is {loss} at step {step_no}; stopping (last good checkpoint kept)")
+
+        for step_no in range(start, total_steps):
+            local = next(data_iter)
+            if train_step is None:
+                batch_sh = batch_shardings(mesh, rules, local)
+                train_step = make_train_step(graphdef, task.bind_mesh(mesh), optimizer, schedules, state_sh, batch_sh)
+            state, metrics = train_step(state, global_batch(local, batch_sh))
+            if pending is not None:
+                check(*pending)
+            pending = (step_no, metrics)
+            window_steps += 1
+            done = step_no + 1
+            if done % log_every == 0 or done == total_steps:
+                check(*pending)
+                jax.block_until_ready(metrics["loss"])
+                dt = time.perf_counter() - window_start
+                timing = {"step_time_s": dt / window_steps, "examples_per_s": global_bs * window_steps / dt}
+                writer.write(done, {**metrics, **timing})
+                window_start, window_steps = time.perf_counter(), 0
+            writer.advance(done)
+            if done % ckpt_every == 0 or done == total_steps:
+                checkpointer.save(done, state, data_iter, config_json)
+        if pending is not None:
+            check(*pending)
+        checkpointer.wait()
+
+        results = {}
+        if config.get("eval") and config.eval.get("at_end", True):
+            model = nnx.merge(graphdef, state.params, state.frozen)
+            results = task.evaluate(model, workdir, total_steps)
+            writer.write(total_steps, {k.replace("/", "_"): v for k, v in results.items()}, prefix="eval")
+        writer.close()
+        checkpointer.close()
+    return results
+
+
+def evaluate_only(task: Task, workdir: str | epath.Path) -> dict:
+    """Restores the latest checkpoint in `workdir` (or the pretrained/initial weights) and evaluates."""
+    config = task.config
+    workdir = epath.Path(workdir)
+    mesh = shd.make_mesh(dict(config.sharding.mesh))
+    rules = tuple(tuple(r) for r in config.sharding.rules)
+    with shd.axis_rules(mesh, rules):
+        _, abstract_trainable, _ = split_model(nnx.eval_shape(task.build_model), task.frozen_patterns)
+        optimizer, _ = optim.make_optimizer(config.optim, abstract_trainable, 1)
+        rng = jax.random.key_data(jax.random.key(config.seed))
+        graphdef, state, _ = create_train_state(task.build_model, task.frozen_patterns, lambda _: optimizer, rng, mesh, rules)
+        checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
+        restored = checkpointer.restore_latest(state, None)
+        step = 0
+        if restored is not None:
+            state, step = restored
+        else:
+            state = task.load_pretrained(state, mesh)
+        model = nnx.merge(graphdef, state.params, state.frozen)
+        results = task.evaluate(model, workdir, step)
+        checkpointer.close()
+    return results

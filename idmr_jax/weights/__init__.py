@@ -1,0 +1,1 @@
+"""Weight import/export between PyTorch checkpoints (transformers, LAVIS) and the Flax ports."""

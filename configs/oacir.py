@@ -61,7 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_position_embeddings=512, dtype="float32",
         # BERT's 0.02 init leaves a *random* tiny Q-Former almost blind to its input, so its contrastive loss
         # sits at log(B) for many steps; real runs start from pretrained weights (config.model.init).
-        initializer_range=0.2 if tiny else 0.02))
+        initializer_range=0.2 if tiny else 0.02,
+        # Dropout as in BERT / LAVIS; the tiny smoke config turns it off so 20 steps show learning clearly.
+        dropout=0.0 if tiny else 0.1))
     m.num_query_tokens = 8 if tiny else 32
     m.embed_dim = 32 if tiny else 256
     m.temp_init = 0.07
@@ -70,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.fixed_beta = 0.0
     m.caam = ml_collections.ConfigDict(dict(
         num_probes=8, aggregator="transformer", num_layers=2, num_heads=4 if tiny else 8,
-        ffn_dim=128 if tiny else 2048, dropout=0.1, head_hidden=64 if tiny else 512,
+        ffn_dim=128 if tiny else 2048, dropout=0.0 if tiny else 0.1, head_hidden=64 if tiny else 512,
         beta="scalar", probes_trainable=True))
     # Pretrained weights: format is one of "", hf_blip2, lavis_blip2, bert (Q-Former text path from BERT).
     m.init = ml_collections.ConfigDict(dict(format="", path=""))

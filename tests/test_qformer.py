@@ -213,6 +213,7 @@ def test_dropout(pair):
     assert _max_diff(det, train1) > 1e-2 and _max_diff(train1, train2) > 1e-2  # the dropout stream advances
 
 
+@pytest.mark.slow  # two backward compilations: ~20 s on an idle 2-core machine, over a minute under load
 def test_remat_same_gradients():
     """remat recomputes the layers in the backward pass: same gradients, dropout masks included."""
     cfg = QFormerConfig(**{**CFG.__dict__, "num_layers": 2})

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import threading
 
 import grain
 import jax
@@ -67,29 +68,62 @@ def query_text(rec: records.QueryRecord, *, text_entity: bool) -> str:
     return text.with_entity_prompt(t, rec.object_category, rec.source_index) if text_entity else t
 
 
-class _GalleryReader:
-    """Random access to gallery records by global key; opened lazily so it pickles into Grain workers."""
+class _RecordReader:
+    """Random access to records of ArrayRecord shards by global key (shards concatenated in sorted order).
+
+    Opened lazily and reopened after unpickling, so it travels into Grain's spawned workers; the open is locked
+    because Grain calls map transforms from several reader threads.
+    """
 
     def __init__(self, paths: list[str]):
         self.paths = list(paths)
         self._source = None
+        self._lock = threading.Lock()
 
     def __getstate__(self):
-        return {"paths": self.paths, "_source": None}
+        return {"paths": self.paths}
 
-    def __getitem__(self, key: int) -> records.GalleryRecord:
+    def __setstate__(self, state):
+        self.paths, self._source, self._lock = state["paths"], None, threading.Lock()
+
+    def _open(self):
         if self._source is None:
-            self._source = grain.sources.ArrayRecordDataSource(self.paths)
-        return records.decode_gallery(self._source[int(key)])
+            with self._lock:
+                if self._source is None:
+                    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        return self._source
+
+    def raw(self, key: int) -> bytes:
+        return self._open()[int(key)]
 
     def __len__(self) -> int:
-        if self._source is None:
-            self._source = grain.sources.ArrayRecordDataSource(self.paths)
-        return len(self._source)
+        return len(self._open())
+
+
+class _GalleryReader(_RecordReader):
+    """Gallery records by global key (the keys stored in query records)."""
+
+    def __getitem__(self, key: int) -> records.GalleryRecord:
+        return records.decode_gallery(self.raw(key))
+
+
+class ReadQuery(grain.transforms.Map):
+    """Global query key -> ``(key, record bytes)``: the key travels with the example as ``example_id``."""
+
+    def __init__(self, query_paths: list[str]):
+        self.queries = _RecordReader(query_paths)
+
+    def map(self, key: int) -> tuple[int, bytes]:
+        return int(key), self.queries.raw(key)
 
 
 class TrainExample(grain.transforms.Map):
-    """Query record bytes -> one training example (module level: Grain workers are spawned)."""
+    """Query record (bytes, or ``(key, bytes)`` from `ReadQuery`) -> one training example.
+
+    Module level: Grain workers are spawned and unpickle it. With a key, the example carries
+    ``example_id`` (int32, the query's global key in the shards); the model ignores it, tests and
+    resumption checks use it to name examples.
+    """
 
     def __init__(self, gallery_paths: list[str], spec: ImageSpec, tokenizer: text.Tokenizer,
                  text_entity: bool = False, roi_crop: bool = False):
@@ -97,7 +131,8 @@ class TrainExample(grain.transforms.Map):
         self.spec, self.tokenizer = spec, tokenizer
         self.text_entity, self.roi_crop = text_entity, roi_crop
 
-    def map(self, element: bytes) -> dict[str, np.ndarray]:
+    def map(self, element: bytes | tuple[int, bytes]) -> dict[str, np.ndarray]:
+        key, element = element if isinstance(element, tuple) else (None, element)
         rec = records.decode_query(element)
         ref, mask, _ = reference_inputs(rec, self.spec, roi_crop=self.roi_crop)
         target = self.gallery[rec.target_gallery_index]
@@ -107,12 +142,23 @@ class TrainExample(grain.transforms.Map):
         tgt, _ = image_ops.preprocess(decode_image(target.image, source=f"gallery {target.name!r} field 'image'"),
                                       None, self.spec.size, self.spec.pad_ratio)
         ids, att = self.tokenizer([query_text(rec, text_entity=self.text_entity)])
-        return {"ref_pixels": ref, "tgt_pixels": tgt, "input_ids": ids[0], "attention_mask": att[0],
-                "box_mask": mask}
+        out = {"ref_pixels": ref, "tgt_pixels": tgt, "input_ids": ids[0], "attention_mask": att[0],
+               "box_mask": mask}
+        if key is not None:
+            out["example_id"] = np.int32(key)
+        return out
+
+
+# Batch entries that are not model inputs (the trainer and losses ignore them).
+NON_MODEL_KEYS = ("example_id",)
 
 
 class _Iterator:
-    """Grain iterator plus the epoch length; state round-trips through checkpoints."""
+    """Grain iterator plus the epoch length; state round-trips through checkpoints (JSON-serialisable dict).
+
+    Iterating an mp_prefetch pipeline starts worker processes: call `close` (or use it as a context manager)
+    when done, rather than leaving the clean-up to garbage collection at interpreter exit.
+    """
 
     def __init__(self, it, steps_per_epoch: int):
         self._it, self.steps_per_epoch = it, steps_per_epoch
@@ -129,17 +175,58 @@ class _Iterator:
     def set_state(self, state):
         self._it.set_state(state)
 
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def ensure_flags_parsed() -> None:
+    """Grain's worker processes read absl flags (``--grain_*``); outside ``absl.app.run`` (tests, notebooks,
+    plain scripts) nothing parses them and the first read raises ``UnparsedFlagAccessError``, so mark them parsed
+    with their defaults. A no-op under ``absl.app``."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
 
 def image_spec(model_config) -> ImageSpec:
     vision = model_config.blip2.vision
     return ImageSpec(size=vision.image_size, grid=tuple(vision.grid))
 
 
-def train_iterator(config, model_config) -> _Iterator:
-    """The training iterator over ``config.data.train_dir`` (this process's rows of each global batch)."""
+def process_share(num_records: int, index: int, count: int) -> slice:
+    """Process `index`'s rows of `count`: every count-th key, the remainder dropped so that all processes hold
+    the same number of rows (their epochs, and so their reshuffles, stay aligned)."""
+    per_process = num_records // count
+    return slice(index, per_process * count, count)
+
+
+def train_iterator(config, model_config=None, *, spec: ImageSpec | None = None) -> _Iterator:
+    """The training iterator over ``config.data.train_dir`` (this process's rows of each global batch).
+
+    Keys (per-process batch b): ref_pixels/tgt_pixels float32 [b,S,S,3], input_ids/attention_mask int32
+    [b,L], box_mask float32 [b,1+gh*gw], example_id int32 [b] (not a model input). The geometry comes from
+    `spec`, else from ``model_config.blip2.vision`` (``image_size``, ``grid``).
+
+    Order: this process's rows (`process_share`) shuffled with ``data.shuffle_seed`` (reseeded each epoch),
+    repeated forever; with ``data.num_workers > 0`` each worker batches its own stride of that order, so the
+    batch sequence depends on the worker count (deterministically) and a resumed run must keep the count.
+    """
     d = config.data
     if not d.train_dir:
         raise ValueError("config.data.train_dir is empty: point it at the output of `python -m data_prep.oacirr`")
+    if spec is None:
+        if model_config is None:
+            raise ValueError("train_iterator needs a model_config (with .blip2.vision) or an explicit spec")
+        spec = image_spec(model_config)
     query_paths = records.shard_paths(os.path.join(d.train_dir, QUERY_GLOB))
     gallery_paths = records.shard_paths(os.path.join(d.train_dir, GALLERY_GLOB))
     shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
@@ -150,13 +237,21 @@ def train_iterator(config, model_config) -> _Iterator:
                          "or convert with more --num-shards")
     if d.batch_size % shard.shard_count:
         raise ValueError(f"global batch {d.batch_size} does not divide over {shard.shard_count} processes")
-    source = grain.sources.ArrayRecordDataSource(query_paths)
-    ds = grain.MapDataset.source(source)[shard.shard_index::shard.shard_count]
+    num_records = len(_RecordReader(query_paths))
+    share = process_share(num_records, shard.shard_index, shard.shard_count)
+    per_host = len(range(num_records)[share])
+    local_batch = d.batch_size // shard.shard_count
+    if per_host < local_batch:
+        raise ValueError(f"{num_records} queries give {per_host} per process, fewer than the per-process batch "
+                         f"{local_batch}")
+    ds = grain.MapDataset.range(num_records)[share]
     ds = ds.shuffle(seed=d.shuffle_seed).repeat()  # reseeded per epoch: a new order every epoch
-    ds = ds.map(TrainExample(gallery_paths, image_spec(model_config), text.Tokenizer(d.tokenizer, d.max_text_len),
+    ds = ds.map(ReadQuery(query_paths))
+    ds = ds.map(TrainExample(gallery_paths, spec, text.Tokenizer(d.tokenizer, d.max_text_len),
                              text_entity=d.text_entity, roi_crop=d.roi_crop))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(d.get("read_threads", 2), 1), prefetch_buffer_size=64))
-    ds = ds.batch(d.batch_size // shard.shard_count, drop_remainder=True)
+    ds = ds.batch(local_batch, drop_remainder=True)
     if d.num_workers > 0:
+        ensure_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
-    return _Iterator(iter(ds), steps_per_epoch=len(source) // d.batch_size)
+    return _Iterator(iter(ds), steps_per_epoch=per_host // local_batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import threading
 
 import numpy as np
 
@@ -37,23 +38,39 @@ def bundled_tokenizer_dir() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
+def _bert_tokenizer_class():
+    """The fast (Rust) BERT tokenizer class: ``BertTokenizerFast`` in transformers 4, ``BertTokenizer`` in 5
+    (which dropped the separate ``*Fast`` names; its ``BertTokenizer`` is the tokenizers-backed one)."""
+    import transformers
+
+    return getattr(transformers, "BertTokenizerFast", None) or transformers.BertTokenizer
+
+
 class Tokenizer:
-    """BERT WordPiece tokenisation padded to a fixed length (max 32 in AdaFocal). Loaded lazily (workers)."""
+    """BERT WordPiece tokenisation padded to a fixed length (max 32 in AdaFocal). Loaded lazily (workers).
+
+    Thread-safe: Grain runs map transforms on several reader threads, and one Rust tokenizer must not be
+    re-configured (padding/truncation) by two threads at once, so loading and calling hold a lock.
+    """
 
     def __init__(self, directory: str = "", max_length: int = 32):
         self.directory = directory or bundled_tokenizer_dir()
         self.max_length = max_length
         self._tok = None
+        self._lock = threading.Lock()
 
     def __getstate__(self):
-        return {"directory": self.directory, "max_length": self.max_length, "_tok": None}
+        return {"directory": self.directory, "max_length": self.max_length}
+
+    def __setstate__(self, state):
+        self.directory, self.max_length = state["directory"], state["max_length"]
+        self._tok, self._lock = None, threading.Lock()
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids int32 [N, L], attention_mask int32 [N, L])."""
-        if self._tok is None:
-            from transformers import BertTokenizerFast
-
-            self._tok = BertTokenizerFast.from_pretrained(self.directory, local_files_only=True)
-        enc = self._tok(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
-                        return_tensors="np")
+        with self._lock:
+            if self._tok is None:
+                self._tok = _bert_tokenizer_class().from_pretrained(self.directory, local_files_only=True)
+            enc = self._tok(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
+                            return_tensors="np")
         return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)

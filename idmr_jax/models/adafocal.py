@@ -37,6 +37,8 @@ class AdaFocalConfig:
     def __post_init__(self):
         if self.beta_mode not in BETA_MODES:
             raise ValueError(f"beta_mode must be one of {BETA_MODES}, got {self.beta_mode!r}")
+        if not self.fixed_beta >= 0:  # beta is a softplus output; a negative one would push attention off the box
+            raise ValueError(f"fixed_beta must be >= 0, got {self.fixed_beta}")
         if self.crm.num_outputs not in (1, self.blip2.num_query_tokens):
             raise ValueError(f"CRM outputs {self.crm.num_outputs}: use 1 (scalar beta) or the number of query "
                              f"tokens {self.blip2.num_query_tokens} (vector beta)")

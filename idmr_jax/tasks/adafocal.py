@@ -30,7 +30,8 @@ def model_config(m: ml_collections.ConfigDict) -> adafocal.AdaFocalConfig:
         intermediate_size=q.intermediate_size, cross_attention_freq=q.cross_attention_freq,
         encoder_hidden_size=vision.width, vocab_size=q.vocab_size,
         max_position_embeddings=q.max_position_embeddings, dtype=q.dtype,
-        initializer_range=q.get("initializer_range", 0.02))
+        initializer_range=q.get("initializer_range", 0.02), hidden_dropout=q.get("dropout", 0.1),
+        attention_dropout=q.get("dropout", 0.1))
     blip2 = Blip2Config(vision=vision, qformer=qformer, num_query_tokens=m.num_query_tokens,
                         embed_dim=m.embed_dim, temp_init=m.temp_init)
     c = m.caam

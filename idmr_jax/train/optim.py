@@ -4,6 +4,11 @@ Groups are chosen by regexes over ``/``-joined param paths (first match wins), e
 trains CAAM at 1e-4 and everything else at 1e-5. The released recipe is one group with PyTorch's
 ``OneCycleLR`` (cosine annealing, ``div_factor=100``, ``final_div_factor=1e4``) including its default momentum
 cycling, which for AdamW moves beta1 between 0.95 and 0.85 opposite to the learning rate.
+
+The one-cycle schedules reproduce PyTorch step for step: its warm-up phase ends at step
+``float(pct_start * total_steps) - 1`` and the annealing phase at ``total_steps - 1`` (optax's
+``cosine_onecycle_schedule`` puts the boundaries one step later, so it is not used). The schedule value at optimiser
+update ``k`` (0-based) is PyTorch's learning rate after ``k`` calls of ``scheduler.step()``.
 """
 
 from __future__ import annotations
@@ -30,20 +35,55 @@ def lr_schedule(cfg: ml_collections.ConfigDict, peak: float, total_steps: int) -
     if kind == "warmup_cosine":
         return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), max(total_steps, warmup + 1))
     if kind == "onecycle":
-        return optax.cosine_onecycle_schedule(
-            transition_steps=total_steps, peak_value=peak, pct_start=float(cfg.pct_start),
-            div_factor=float(cfg.div_factor), final_div_factor=float(cfg.final_div_factor))
+        initial = peak / float(cfg.div_factor)
+        return onecycle_schedule(initial, peak, initial / float(cfg.final_div_factor), total_steps,
+                                 float(cfg.pct_start))
     raise ValueError(f"unknown optim.schedule {kind!r}; use constant, warmup_cosine or onecycle")
 
 
+def _cos_anneal(start: float, end: float, step: jax.Array, begin: float, finish: float) -> jax.Array:
+    """PyTorch's ``_annealing_cos`` from `start` (at `begin`) to `end` (at `finish`).
+
+    ``end + (start - end) * (1 + cos(pi * p)) / 2`` is computed as ``start * sin(pi q / 2)^2 + end * sin(pi p / 2)^2``
+    with ``q = 1 - p`` taken from the step difference itself: a sum of two non-negative terms, so float32 keeps
+    ~1e-7 relative precision near both ends (the direct form cancels, e.g. ~1e-5 relative error on the first
+    warm-up steps, and far worse near the final learning rate).
+    """
+    span = finish - begin
+    if span <= 0:  # a phase of at most one step (PyTorch divides by zero here): it holds its start value
+        return jnp.full(jnp.shape(step), start, jnp.float32)
+    p = (step - begin) / span
+    q = (finish - step) / span
+    half = jnp.float32(jnp.pi / 2)
+    return start * jnp.sin(half * q) ** 2 + end * jnp.sin(half * p) ** 2
+
+
+def _two_phase(start: float, mid: float, end: float, total_steps: int, pct_start: float) -> optax.Schedule:
+    """PyTorch ``OneCycleLR`` (two phases, cosine): start -> mid over steps [0, pct_start*T - 1], mid -> end over
+    [pct_start*T - 1, T - 1]. Steps past T - 1 (PyTorch raises there) hold `end`."""
+    warm_end = float(pct_start * total_steps) - 1  # exactly PyTorch's float arithmetic
+    last = float(total_steps) - 1
+
+    def schedule(count):
+        s = jnp.minimum(jnp.asarray(count, jnp.float32), jnp.float32(max(last, 0.0)))
+        up = _cos_anneal(start, mid, s, 0.0, warm_end)
+        down = _cos_anneal(mid, end, s, warm_end, last)
+        return jnp.where(s <= warm_end, up, down)
+
+    return schedule
+
+
+def onecycle_schedule(initial: float, peak: float, final: float, total_steps: int, pct_start: float
+                      ) -> optax.Schedule:
+    """PyTorch ``OneCycleLR`` learning rate (anneal_strategy="cos", three_phase=False): initial -> peak -> final."""
+    return _two_phase(initial, peak, final, total_steps, pct_start)
+
+
 def onecycle_beta1(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """OneCycleLR's momentum cycling for Adam's beta1: max -> base during warm-up, base -> max after (cosine)."""
-    up = max(int(float(cfg.pct_start) * total_steps), 1)
-    hi, lo = float(cfg.max_momentum), float(cfg.base_momentum)
-    return optax.join_schedules(
-        [optax.cosine_decay_schedule(hi, up, alpha=lo / hi),
-         lambda s: lo + (hi - lo) * (1 - jnp.cos(jnp.pi * jnp.minimum(s, total_steps - up) / max(total_steps - up, 1))) / 2],
-        [up])
+    """OneCycleLR's momentum cycling for Adam's beta1 (``cycle_momentum=True``): max -> base during the warm-up,
+    base -> max after it, on the learning rate's phase boundaries."""
+    return _two_phase(float(cfg.max_momentum), float(cfg.base_momentum), float(cfg.max_momentum), total_steps,
+                      float(cfg.pct_start))
 
 
 def _adamw(cfg, lr: optax.Schedule, total_steps: int) -> optax.GradientTransformation:

@@ -43,7 +43,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from idmr_jax.weights.mapping import WeightMismatchError, flatten_params
+from idmr_jax.weights.mapping import WeightMismatchError, flatten_params, stack_for_model, unflatten_params
 
 PathLike = str | os.PathLike
 
@@ -431,7 +431,7 @@ def restore_model(directory: PathLike, *, overrides: Mapping[str, Any] | None = 
         names or shapes is a :class:`WeightMismatchError`. Param dtypes follow the rebuilt module.
       mesh, rules: restore straight into the sharded layout given by the params' logical axis names
         (``idmr_jax.sharding``); without them arrays land on the default device.
-      seed: only for the (discarded) random init of the module skeleton.
+      seed: seeds the module's non-param state (dropout RNG streams); params all come from the checkpoint.
 
     Returns:
       (module, config), config with the overrides applied.
@@ -465,8 +465,6 @@ def restore_model(directory: PathLike, *, overrides: Mapping[str, Any] | None = 
         flat = _restore_flat(directory, target)
     else:
         _, _, saved_flat = restore_params(directory)
-        from idmr_jax.weights.mapping import stack_for_model
-
         arranged = stack_for_model(_unstack_generic(saved_flat, model_abstract), model_abstract,
                                    source=str(directory))
         flat = {k: jax.device_put(np.asarray(v).astype(model_abstract[k].dtype), shardings[k])
@@ -477,7 +475,5 @@ def restore_model(directory: PathLike, *, overrides: Mapping[str, Any] | None = 
         # Non-param state (dropout RNG streams) is small: materialise only it. Under jit, XLA drops the param
         # initialisers whose results are not returned, so no full-size random init happens.
         rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
-    from idmr_jax.weights.mapping import unflatten_params
-
     nnx.replace_by_pure_dict(params, unflatten_params(flat))
     return nnx.merge(graphdef, params, rest), config

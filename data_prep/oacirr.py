@@ -82,6 +82,8 @@ for _name in ("Fashion", "Car", "Product", "Landmark"):
     VARIANTS[_name] = (f"OACIRR-Subset/OACIRR-{_name}", f"OACIRR-Subset/OACIRR-{_name}/oacirr-{_name.lower()}")
     _wo = f"OACIRR-CrossDomain/WO-{_name}"
     VARIANTS[f"WO_{_name}"] = (_wo, f"{_wo}/oacirr-wo-{_name.lower()}")
+# The real-photo demo benchmark (data_prep.demo_bench) is laid out like a released subset.
+VARIANTS["Demo"] = ("OACIRR-Subset/OACIRR-Demo", "OACIRR-Subset/OACIRR-Demo/oacirr-demo")
 
 BOX_TOLERANCE_PX = 1.0
 RECORDS_PER_SHARD = 1000  # default shard size: ~100-300 MB of images per shard at OACIRR's image sizes
@@ -155,7 +157,7 @@ def _unsafe_path(rel: str) -> bool:
 
 def _derive_subset(rel: str, variant: str) -> str:
     """The domain of an image: fixed for a subset variant, else read off a folder named after a domain."""
-    if variant in ("Fashion", "Car", "Product", "Landmark"):
+    if variant in ("Fashion", "Car", "Product", "Landmark", "Demo"):
         return variant.lower()
     for part in posixpath.dirname(rel.replace("\\", "/")).split("/"):
         p = part.lower().removeprefix("oacirr-").removeprefix("oacirr_")

@@ -91,12 +91,31 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_pspec(axes, rules)))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
-    """NamedShardings for every variable of `state` from its logical `out_sharding` metadata."""
+def divisible_pspec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Replicates every dimension whose size the assigned mesh axes do not divide (e.g. BERT's 30523 vocab)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        out.append(axes if dim % size == 0 else None)
+    return PartitionSpec(*out)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings for every variable of `state` from its logical `out_sharding` metadata.
+
+    Works on any pytree holding nnx Variables (a module state, an optimiser state, a train state); leaves
+    without metadata are replicated, and dimensions the mesh does not divide stay unsharded.
+    """
 
     def one(var):
         names = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
-        return NamedSharding(mesh, logical_to_pspec(names, rules))
+        spec = logical_to_pspec(names, rules)
+        value = var.get_value() if isinstance(var, nnx.Variable) else var
+        shape = getattr(value, "shape", None)  # None for placeholders such as optax's MaskedNode
+        if shape is not None:
+            spec = divisible_pspec(spec, shape, mesh)
+        return NamedSharding(mesh, spec)
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

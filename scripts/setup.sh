@@ -15,11 +15,11 @@ fi
 source "$VENV/bin/activate"
 
 stamp="$VENV/.idmr_installed"
-want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)-$EXTRAS"
+want="$(sha256sum < "$ROOT/pyproject.toml" | cut -d' ' -f1)-$EXTRAS"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   # torch first and pinned: anything that merely depends on torch must not pull a multi-GB CUDA build.
   # (Installed with pip, not uv: the pinned CPU build is found through pip's configuration.)
   python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-  python -m pip install --quiet --disable-pip-version-check -e "$ROOT[$EXTRAS]"
+  python -m pip install --quiet --disable-pip-version-check -e "${ROOT}[$EXTRAS]"
   echo "$want" > "$stamp"
 fi

@@ -8,7 +8,6 @@ other configs copy its BLIP-2 params so that comparisons run on the same weights
 import dataclasses
 
 import idmr_jax  # noqa: F401  (flax config)
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -69,10 +68,12 @@ def base():
 
 @pytest.fixture(scope="module")
 def inputs(base):
-    """(image_embeds from real pixels, input_ids, attention_mask with padding, box mask) for a batch of 2."""
+    """(image_embeds, input_ids, attention_mask with padding, box mask) for a batch of 2.
+
+    The image tokens are random unit-scale vectors (what ``ln_vision`` outputs); the ViT is tested elsewhere.
+    """
     rng = np.random.default_rng(0)
-    pixels = rng.normal(size=(B, *IMAGE, 3)).astype(np.float32)
-    embeds = base.encode_image(jnp.asarray(pixels))
+    embeds = jnp.asarray(rng.normal(size=(B, N, base.cfg.blip2.vision.width)).astype(np.float32))
     ids = rng.integers(1, VOCAB, size=(B, T))
     mask = np.ones((B, T), np.int32)
     mask[1, 4:] = 0
@@ -115,10 +116,7 @@ def test_zero_beta_equals_baseline_bit_for_bit(base, inputs):
     q_ada, beta_ada = adaptive.query_features(embeds, ids, mask, boxes)
     assert np.all(np.asarray(beta_ada) == 0)
     np.testing.assert_array_equal(np.asarray(q_none), np.asarray(q_ada))
-    # ... and compiled: the fixed-0 bias is added in the graph, yet the result stays bit-identical.
-    run = nnx.jit(lambda m, *a: m.query_features(*a)[0])
-    np.testing.assert_array_equal(np.asarray(run(none, embeds, ids, mask, boxes)),
-                                  np.asarray(run(zero, embeds, ids, mask, boxes)))
+    # (Compiled, a zero bias is bit-identical too: tests/test_blip2.py::test_attention_bias_through_blip2.)
     # Targets never see the bias.
     np.testing.assert_array_equal(np.asarray(none.target_features(embeds)), np.asarray(zero.target_features(embeds)))
 
@@ -215,9 +213,14 @@ def _copy_norm(dst: nnx.LayerNorm, src: torch.nn.LayerNorm):
     dst.bias[...] = jnp.asarray(src.bias.detach().numpy())
 
 
-@pytest.mark.parametrize("outputs", [1, 3])
+# The CRM tests use the tiny config's CRM sizes (d 64, 4 heads, FFN 128, head 64, 8 probes) and batch 2, so that
+# the eager ops compiled for the module's model are reused.
+D, HEADS, FFN, HH, K = 64, 4, 128, 64, 8
+
+
+@pytest.mark.parametrize("outputs", [1, 8])
 def test_crm_transformer_matches_pytorch(outputs):
-    d, nhead, ffn, layers, hh, k, b = 32, 4, 48, 2, 24, 5, 3
+    d, nhead, ffn, layers, hh, k, b = D, HEADS, FFN, 2, HH, K, B
     torch.manual_seed(outputs)
     ref = TorchCRM(d, nhead, ffn, layers, hh, outputs).eval()
     with torch.no_grad():  # LayerNorms start at 1 / 0: perturb them so the copy is really checked
@@ -249,9 +252,6 @@ def test_crm_transformer_matches_pytorch(outputs):
     assert beta.shape == expected.shape == (b, outputs)
     assert np.abs(beta - expected).max() <= 1e-5
     assert np.all(beta >= 0) and np.ptp(beta) > 1e-3  # the probes matter
-    # Dropout (attention weights, after attention, in and after the FFN) is on only in training.
-    train = np.asarray(crm(jnp.asarray(probes), deterministic=False))
-    assert np.abs(train - beta).max() > 1e-4
 
 
 def _softplus(x):
@@ -260,7 +260,7 @@ def _softplus(x):
 
 @pytest.mark.parametrize("aggregator", ["avgpool", "mlp"])
 def test_crm_pooling_aggregators(aggregator):
-    d, k, b, hh = 16, 4, 5, 12
+    d, k, b, hh = D, K, B, HH
     cfg = CRMConfig(hidden_size=d, num_probes=k, aggregator=aggregator, head_hidden=hh)
     crm = ContextualReasoningModule(cfg, rngs=nnx.Rngs(1))
     assert not hasattr(crm, "layers") and not hasattr(crm, "cls_token")
@@ -281,14 +281,14 @@ def test_crm_pooling_aggregators(aggregator):
 
 
 def test_beta_is_never_negative():
-    cfg = CRMConfig(hidden_size=16, num_probes=4, num_layers=1, num_heads=2, ffn_dim=32, head_hidden=8,
-                    num_outputs=3)
+    cfg = CRMConfig(hidden_size=D, num_probes=K, num_layers=1, num_heads=HEADS, ffn_dim=FFN, head_hidden=HH,
+                    num_outputs=8)
     crm = ContextualReasoningModule(cfg, rngs=nnx.Rngs(2))
-    crm.head_out.bias[...] = jnp.asarray([-80.0, 0.0, 80.0])
-    probes = 100 * np.random.default_rng(3).normal(size=(64, 4, 16)).astype(np.float32)
+    crm.head_out.bias[...] = jnp.asarray([-80.0, -20.0, -5.0, 0.0, 0.0, 5.0, 20.0, 80.0])
+    probes = 100 * np.random.default_rng(3).normal(size=(B, K, D)).astype(np.float32)
     beta = np.asarray(crm(jnp.asarray(probes)))
     assert np.all(beta >= 0) and np.all(np.isfinite(beta))
-    assert beta[:, 0].max() < 1e-20 and beta[:, 2].min() > 1  # softplus: ~0 and ~identity at the extremes
+    assert beta[:, 0].max() < 1e-20 and beta[:, -1].min() > 1  # softplus: ~0 and ~identity at the extremes
     base_cfg = model_config(tiny_config().model)
     with pytest.raises(ValueError, match="fixed_beta"):
         dataclasses.replace(base_cfg, beta_mode="fixed", fixed_beta=-1.0)
@@ -321,7 +321,7 @@ def test_ablation_keyword_builds_and_runs(arg, base, inputs):
 
     paths = param_paths(model)
     caam = [p for p in paths if p.startswith(("probe_tokens", "crm"))]
-    _, trainable, frozen = split_model(model, task.frozen_patterns)
+    _, trainable, _ = split_model(model, task.frozen_patterns)
     trainable_paths = ["/".join(str(k) for k in p) for p, _ in nnx.to_flat_state(trainable)]
     assert not any(p.startswith("blip2/vision/") for p in trainable_paths)  # the ViT is frozen
     if arg in ("baseline", "roi", "fixed_beta=0.5"):
@@ -344,7 +344,8 @@ def test_ablation_keyword_builds_and_runs(arg, base, inputs):
         assert len(model.crm.layers) == 2
     if arg == "crm_layers=1":
         assert len(model.crm.layers) == 1
-    assert model.probe_tokens.shape == (4 if arg == "probes=4" else 8, 64) if caam else True
+    if caam:
+        assert model.probe_tokens.shape == (4 if arg == "probes=4" else 8, 64)
     assert config.data.roi_crop == (arg == "roi")
     assert config.data.text_entity == (arg == "entity")
 

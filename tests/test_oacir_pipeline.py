@@ -16,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import types
 
 import jax
 import numpy as np
@@ -26,9 +25,8 @@ from PIL import Image
 import oacirr_fixtures as fx
 from idmr_jax.data import boxes, image_ops, oacir_pipeline, records, text
 
-SIZE, GRID = 56, (4, 4)  # the tiny EVA of configs/oacir.py:tiny (56 px, patch 14)
-MODEL_CONFIG = types.SimpleNamespace(blip2=types.SimpleNamespace(
-    vision=types.SimpleNamespace(image_size=SIZE, grid=GRID)))
+SIZE, GRID = 56, (4, 4)  # the tiny EVA of configs/oacir.py:tiny (56 px, patch 14); see the geometry test
+SPEC = oacir_pipeline.ImageSpec(size=SIZE, grid=GRID)
 NUM_QUERIES, BATCH = 40, 4
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +40,7 @@ def train(tmp_path_factory):
 
 
 def _iterator(train, **kw):
-    return oacir_pipeline.train_iterator(fx.pipeline_config(train["out"], **kw), MODEL_CONFIG)
+    return oacir_pipeline.train_iterator(fx.pipeline_config(train["out"], **kw), spec=SPEC)
 
 
 def _take(it, n):
@@ -145,7 +143,7 @@ def test_too_many_workers_fail_fast(train, monkeypatch):
     with pytest.raises(ValueError, match=r"3 data workers .* \(2 per host\): lower config.data.num_workers"):
         _iterator(train, num_workers=3)
     with pytest.raises(ValueError, match="train_dir is empty"):
-        oacir_pipeline.train_iterator(fx.pipeline_config(""), MODEL_CONFIG)
+        oacir_pipeline.train_iterator(fx.pipeline_config(""), spec=SPEC)
 
 
 def _check_state_round_trip(train, num_workers: int):

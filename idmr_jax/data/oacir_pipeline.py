@@ -149,8 +149,8 @@ class TrainExample(grain.transforms.Map):
         return out
 
 
-# Batch entries that are not model inputs (the trainer and losses ignore them).
-NON_MODEL_KEYS = ("example_id",)
+# `example_id` (the query's global key) rides along for tests and debugging; the trainer drops it
+# (`idmr_jax.train.trainer.NON_MODEL_KEYS`) before the batch goes to the devices.
 
 
 class _Iterator:
@@ -198,8 +198,10 @@ def ensure_flags_parsed() -> None:
 
 
 def image_spec(model_config) -> ImageSpec:
-    vision = model_config.blip2.vision
-    return ImageSpec(size=vision.image_size, grid=tuple(vision.grid))
+    """Preprocessing geometry of an AdaFocalConfig: its input size and its encoder's patch grid."""
+    from idmr_jax.models.adafocal import grid
+
+    return ImageSpec(size=model_config.image_size, grid=tuple(grid(model_config)))
 
 
 def process_share(num_records: int, index: int, count: int) -> slice:
@@ -214,7 +216,7 @@ def train_iterator(config, model_config=None, *, spec: ImageSpec | None = None) 
 
     Keys (per-process batch b): ref_pixels/tgt_pixels float32 [b,S,S,3], input_ids/attention_mask int32
     [b,L], box_mask float32 [b,1+gh*gw], example_id int32 [b] (not a model input). The geometry comes from
-    `spec`, else from ``model_config.blip2.vision`` (``image_size``, ``grid``).
+    `spec`, else from the AdaFocalConfig `model_config` (`image_spec`).
 
     Order: this process's rows (`process_share`) shuffled with ``data.shuffle_seed`` (reseeded each epoch),
     repeated forever; with ``data.num_workers > 0`` each worker batches its own stride of that order, so the
@@ -225,7 +227,7 @@ def train_iterator(config, model_config=None, *, spec: ImageSpec | None = None) 
         raise ValueError("config.data.train_dir is empty: point it at the output of `python -m data_prep.oacirr`")
     if spec is None:
         if model_config is None:
-            raise ValueError("train_iterator needs a model_config (with .blip2.vision) or an explicit spec")
+            raise ValueError("train_iterator needs a model_config (an AdaFocalConfig) or an explicit spec")
         spec = image_spec(model_config)
     query_paths = records.shard_paths(os.path.join(d.train_dir, QUERY_GLOB))
     gallery_paths = records.shard_paths(os.path.join(d.train_dir, GALLERY_GLOB))

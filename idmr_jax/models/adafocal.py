@@ -23,6 +23,7 @@ from flax import nnx
 
 from idmr_jax.models.blip2 import Blip2, Blip2Config
 from idmr_jax.models.crm import ContextualReasoningModule, CRMConfig
+from idmr_jax.models.vision import vision_grid
 
 BETA_MODES = ("adaptive", "fixed", "none")
 
@@ -33,6 +34,7 @@ class AdaFocalConfig:
     crm: CRMConfig
     beta_mode: str = "adaptive"
     fixed_beta: float = 0.0
+    image_size: int = 224  # square input side; with the encoder it fixes the patch grid boxes are drawn on
 
     def __post_init__(self):
         if self.beta_mode not in BETA_MODES:
@@ -42,6 +44,11 @@ class AdaFocalConfig:
         if self.crm.num_outputs not in (1, self.blip2.num_query_tokens):
             raise ValueError(f"CRM outputs {self.crm.num_outputs}: use 1 (scalar beta) or the number of query "
                              f"tokens {self.blip2.num_query_tokens} (vector beta)")
+
+
+def grid(cfg: AdaFocalConfig) -> tuple[int, int]:
+    """The (gh, gw) patch grid of the vision encoder at ``cfg.image_size`` (M_B is rasterised on it)."""
+    return vision_grid(cfg.blip2.vision, cfg.image_size)
 
 
 def attention_bias(beta: jax.Array, box_mask: jax.Array) -> jax.Array:

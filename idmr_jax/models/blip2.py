@@ -24,7 +24,8 @@ from flax import nnx
 
 from idmr_jax.models import layers as L
 from idmr_jax.models.qformer import QFormer, QFormerConfig
-from idmr_jax.models.vit import VisionTransformer, ViTConfig, vit_config
+from idmr_jax.models.vision import VisionConfig, build_vision_encoder, vision_layer_norm_eps
+from idmr_jax.models.vit import vit_config
 from idmr_jax.sharding import constrain
 
 Array = jax.Array
@@ -38,7 +39,7 @@ class Blip2Config:
     (1e-6 for EVA-g). LAVIS builds ``ln_vision`` with torch's default 1e-5: set it for LAVIS checkpoints.
     """
 
-    vision: ViTConfig
+    vision: VisionConfig  # a ViTConfig, or an EfficientNetEncoderConfig for the laptop demo
     qformer: QFormerConfig
     num_query_tokens: int = 32
     embed_dim: int = 256
@@ -91,9 +92,9 @@ class Blip2(nnx.Module):
         self.cfg = cfg
         qc = cfg.qformer
         dtype, param_dtype = jnp.dtype(qc.dtype), jnp.dtype(qc.param_dtype)
-        self.vision = VisionTransformer(cfg.vision, rngs=rngs)
+        self.vision = build_vision_encoder(cfg.vision, rngs=rngs)
         # ln_vision trains with the Q-Former, so it takes the Q-Former's dtypes (the ViT may run in half precision).
-        eps = cfg.vision.layer_norm_eps if cfg.ln_vision_eps is None else cfg.ln_vision_eps
+        eps = vision_layer_norm_eps(cfg.vision) if cfg.ln_vision_eps is None else cfg.ln_vision_eps
         self.ln_vision = L.LayerNorm(cfg.vision.width, eps=eps, axes=("vision_embed",), dtype=dtype,
                                      param_dtype=param_dtype, rngs=rngs)
         self.query_tokens = L.make_param(rngs, nnx.initializers.normal(qc.initializer_range),

@@ -16,6 +16,7 @@ from idmr_jax.losses.contrastive import global_infonce
 from idmr_jax.models import adafocal
 from idmr_jax.models.blip2 import Blip2Config
 from idmr_jax.models.crm import CRMConfig
+from idmr_jax.models.efficientnet import EfficientNetEncoderConfig
 from idmr_jax.models.qformer import QFormerConfig
 from idmr_jax.models.vit import vit_config
 
@@ -23,13 +24,18 @@ from idmr_jax.models.vit import vit_config
 def model_config(m: ml_collections.ConfigDict) -> adafocal.AdaFocalConfig:
     """AdaFocalConfig from ``config.model``."""
     v = m.vision
-    vision = vit_config(v.variant, image_size=v.image_size, dtype=v.dtype, remat=v.remat, scan=v.scan)
+    if v.get("kind", "vit") == "efficientnet":
+        # The laptop demo's frozen ImageNet EfficientNet-Lite0 (packaged weights), stride-16 map as tokens.
+        vision = EfficientNetEncoderConfig(feature_stride=v.get("feature_stride", 16))
+    else:
+        vision = vit_config(v.variant, image_size=v.image_size, dtype=v.dtype, remat=v.remat, scan=v.scan)
     q = m.qformer
     qformer = QFormerConfig(
         hidden_size=q.hidden_size, num_layers=q.num_layers, num_heads=q.num_heads,
         intermediate_size=q.intermediate_size, cross_attention_freq=q.cross_attention_freq,
         encoder_hidden_size=vision.width, vocab_size=q.vocab_size,
         max_position_embeddings=q.max_position_embeddings, dtype=q.dtype,
+        layer_norm_eps=q.get("layer_norm_eps", 1e-12),
         initializer_range=q.get("initializer_range", 0.02), hidden_dropout=q.get("dropout", 0.1),
         attention_dropout=q.get("dropout", 0.1))
     blip2 = Blip2Config(vision=vision, qformer=qformer, num_query_tokens=m.num_query_tokens,
@@ -38,7 +44,8 @@ def model_config(m: ml_collections.ConfigDict) -> adafocal.AdaFocalConfig:
     crm = CRMConfig(hidden_size=q.hidden_size, num_probes=c.num_probes, aggregator=c.aggregator,
                     num_layers=c.num_layers, num_heads=c.num_heads, ffn_dim=c.ffn_dim, dropout=c.dropout,
                     head_hidden=c.head_hidden, num_outputs=1 if c.beta == "scalar" else m.num_query_tokens)
-    return adafocal.AdaFocalConfig(blip2=blip2, crm=crm, beta_mode=m.beta_mode, fixed_beta=m.fixed_beta)
+    return adafocal.AdaFocalConfig(blip2=blip2, crm=crm, beta_mode=m.beta_mode, fixed_beta=m.fixed_beta,
+                                   image_size=v.image_size)
 
 
 def _masked_mean_std(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -53,6 +60,10 @@ class AdaFocalTask:
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
+        if config.data.source == "demo":
+            from idmr_jax.data import demo
+
+            demo.prepare(config)  # builds/reuses the real-photo benchmark and its shards
         self.model_config = model_config(config.model)
         frozen = []
         if config.model.freeze_vision:
@@ -67,10 +78,7 @@ class AdaFocalTask:
         return adafocal.AdaFocal(self.model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
     def load_pretrained(self, state, mesh):
-        """Initial weights from ``config.model.init`` (none: keep the random init)."""
-        init = self.config.model.init
-        if not init.format:
-            return state
+        """Initial weights from ``config.model.init`` and packaged vision weights (none: the random init)."""
         from idmr_jax.tasks import pretrained
 
         return pretrained.load_into_state(state, self, mesh)
@@ -97,8 +105,8 @@ class AdaFocalTask:
     # ------------------------------------------------------------------ data
     def _fake_spec(self) -> fake.FakeSpec:
         d = self.config.data
-        v = self.model_config.blip2.vision
-        return fake.FakeSpec(pool=d.fake_pool, image_size=d.image_size, patch_size=v.patch_size,
+        gh, _ = adafocal.grid(self.model_config)
+        return fake.FakeSpec(pool=d.fake_pool, image_size=d.image_size, patch_size=d.image_size // gh,
                              text_len=d.max_text_len, vocab_size=self.model_config.blip2.qformer.vocab_size,
                              seed=d.shuffle_seed)
 

@@ -47,6 +47,14 @@ class Task(Protocol):
     def evaluate(self, model: nnx.Module, workdir: epath.Path, step: int) -> dict: ...
 
 
+# Batch entries that identify examples (for tests and debugging) but are not model inputs.
+NON_MODEL_KEYS = ("example_id",)
+
+
+def model_inputs(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v for k, v in local.items() if k not in NON_MODEL_KEYS}
+
+
 def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:
     """Assembles each process's share of the batch into global arrays on the mesh."""
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
@@ -106,7 +114,7 @@ def train_and_evaluate(task: Task, workdir: str | epath.Path) -> dict:
                 raise NonFiniteLossError(f"loss is {loss} at step {step_no}; stopping (last good checkpoint kept)")
 
         for step_no in range(start, total_steps):
-            local = next(data_iter)
+            local = model_inputs(next(data_iter))
             if train_step is None:
                 batch_sh = batch_shardings(mesh, rules, local)
                 train_step = make_train_step(graphdef, task.bind_mesh(mesh), optimizer, schedules, state_sh, batch_sh)
@@ -137,6 +145,8 @@ def train_and_evaluate(task: Task, workdir: str | epath.Path) -> dict:
             writer.write(total_steps, {k.replace("/", "_"): v for k, v in results.items()}, prefix="eval")
         writer.close()
         checkpointer.close()
+        if hasattr(data_iter, "close"):
+            data_iter.close()  # stops Grain worker processes
     return results
 
 

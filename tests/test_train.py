@@ -94,3 +94,11 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg=k)
+
+    # An unreadable latest checkpoint: the run says so and falls back to the previous one.
+    for f in (killed / "checkpoints" / "12" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"corrupted")
+    proc = _main(killed, *flags[:-1], "--config.mode=eval")
+    assert "checkpoint 12 is unreadable" in proc.stdout and "falling back" in proc.stdout, proc.stdout[-2000:]
+    assert (killed / "eval" / "metrics.json").exists()

@@ -105,6 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.text_entity = "entity" in args
     d.roi_crop = "roi" in args
     d.num_workers = 2
+    d.augment = False  # flips + brightness/contrast jitter; the paper trains without augmentation
     d.shuffle_seed = 0
     d.fake_pool = 64  # fake source: number of distinct synthetic examples cycled through
     d.demo_cache = ""  # demo source: where the benchmark and its shards are cached ("" = ~/.cache/idmr_jax/demo)

@@ -555,9 +555,8 @@ def verify(src: str | Path, *, port: str | Path | None = None, dtype: str = "flo
             valid = valid_it if name == "qformer_image_text" else mask.astype(bool)
             line += f" (unpadded positions: {float(d[valid].max()):.3e})"
         print(line, file=out)
-    worst = max(diffs.values())
-    print(f"max_abs_diff={worst:.6e}", file=out, flush=True)
-    return worst, diffs
+    out.flush()
+    return max(diffs.values()), diffs
 
 
 def _rebuild_with(port, overrides):
@@ -629,10 +628,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             tol = DEFAULT_TOL[args.dtype] if args.tol is None else args.tol
             worst, _ = verify(args.src, port=args.port, dtype=args.dtype, tol=tol, config=args.config,
                               batch=args.batch, text_len=args.text_len, seed=args.seed)
-            if not worst <= tol:  # also catches NaN
-                _log(f"FAIL: max_abs_diff {worst:.3e} > tol {tol:.1e}")
+            ok = worst <= tol  # also False for NaN
+            _log(f"{'OK' if ok else 'FAIL'}: max_abs_diff {worst:.3e} {'<=' if ok else '>'} tol {tol:.1e}")
+            # The contract: the last line, on stdout, is the worst difference.
+            print(f"max_abs_diff={worst:.6e}", flush=True)
+            if not ok:
                 return 1
-            _log(f"OK: max_abs_diff {worst:.3e} <= tol {tol:.1e}")
     except (WeightMismatchError, ConvertError, FileNotFoundError, FileExistsError) as e:
         _log(f"error: {e}")
         return 2

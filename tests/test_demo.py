@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_demo_end_to_end_shortened(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    # One CPU device, as on a laptop (an 8-way SPMD compile of this model costs minutes for nothing here).
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "idmr_jax.main", "--config=configs/oacir.py:demo", f"--workdir={tmp_path / 'wd'}",
            f"--config.data.demo_cache={tmp_path / 'cache'}", "--config.data.demo_size=tiny",
            "--config.train.num_steps=3", "--config.train.log_every=1", "--config.train.checkpoint_every=3",

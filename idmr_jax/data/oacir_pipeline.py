@@ -153,6 +153,32 @@ class TrainExample(grain.transforms.Map):
 # (`idmr_jax.train.trainer.NON_MODEL_KEYS`) before the batch goes to the devices.
 
 
+class Augment(grain.transforms.RandomMap):
+    """Optional training augmentation (the paper uses none; ``config.data.augment`` is off by default).
+
+    Horizontal flips, independently for reference and target; the reference's patch mask flips with its image
+    so the box stays on the object. Brightness/contrast jitter on the normalised pixels. Grain derives the RNG
+    from the pipeline seed and the element's position, so augmented runs stay reproducible and resumable.
+    """
+
+    def __init__(self, grid: tuple[int, int], jitter: float = 0.1):
+        self.grid, self.jitter = tuple(grid), jitter
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        out = dict(element)
+        gh, gw = self.grid
+        if rng.random() < 0.5:
+            out["ref_pixels"] = element["ref_pixels"][:, ::-1].copy()
+            mask = element["box_mask"]
+            out["box_mask"] = np.concatenate([mask[:1], mask[1:].reshape(gh, gw)[:, ::-1].reshape(-1)])
+        if rng.random() < 0.5:
+            out["tgt_pixels"] = element["tgt_pixels"][:, ::-1].copy()
+        for key in ("ref_pixels", "tgt_pixels"):
+            scale, shift = 1.0 + rng.uniform(-self.jitter, self.jitter), rng.uniform(-self.jitter, self.jitter)
+            out[key] = (out[key] * scale + shift).astype(np.float32)
+        return out
+
+
 class _Iterator:
     """Grain iterator plus the epoch length; state round-trips through checkpoints (JSON-serialisable dict).
 
@@ -251,6 +277,8 @@ def train_iterator(config, model_config=None, *, spec: ImageSpec | None = None) 
     ds = ds.map(ReadQuery(query_paths))
     ds = ds.map(TrainExample(gallery_paths, spec, text.Tokenizer(d.tokenizer, d.max_text_len),
                              text_entity=d.text_entity, roi_crop=d.roi_crop))
+    if d.get("augment", False):
+        ds = ds.random_map(Augment(spec.grid), seed=d.shuffle_seed)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(d.get("read_threads", 2), 1), prefetch_buffer_size=64))
     ds = ds.batch(local_batch, drop_remainder=True)
     if d.num_workers > 0:

@@ -19,7 +19,6 @@ import os
 import threading
 
 import grain
-import jax
 import numpy as np
 from PIL import Image
 

@@ -7,7 +7,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from etils import epath
 from flax import nnx
 

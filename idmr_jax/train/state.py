@@ -6,7 +6,6 @@ frozen ViT) and everything else (e.g. RNG counters). Only the trainable state is
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from typing import Any

@@ -40,7 +40,7 @@ from idmr_jax.weights.mapping import (
     Rule,
     WeightMismatchError,
     flatten_params,
-    load_into,
+    load_partial,  # noqa: F401  (re-exported: the BLIP-2 importers load maps covering part of a model)
     prefixed,
     unstack_from_model,
 )
@@ -281,19 +281,6 @@ def qformer_from_bert(state_dict: Mapping[str, Any], cfg: QFormerConfig, *, fold
 
 # ----------------------------------------------------------------------------------------------
 # Partial import / export.
-
-
-def load_partial(module: nnx.Module, converted: Mapping[str, Any], *, source: str = "checkpoint") -> list[str]:
-    """Strictly loads `converted` flat params into `module`; params it does not cover keep their current values.
-
-    Every converted path must exist in the module with the right shape (:func:`mapping.load_into` checks).
-    Returns the (per-layer) paths that were left untouched, so callers can log or assert them.
-    """
-    identity = NameMap([Rule(k, k) for k in converted])
-    current = unstack_from_model(flatten_params(module), identity)
-    left = sorted(k for k in current if k not in converted)
-    load_into(module, {**current, **converted}, source=source)
-    return left
 
 
 def export_state_dict(module: nnx.Module, name_map: NameMap, *, skip: Sequence[str] = ()) -> dict[str, np.ndarray]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -24,7 +23,7 @@ from idmr_jax.models.efficientnet import (
     EfficientNetPatchEncoder,
     efficientnet_lite0_config,
 )
-from idmr_jax.weights.mapping import CONV2D, LINEAR, NameMap, Rule, flatten_params, stack_for_model, unflatten_params
+from idmr_jax.weights.mapping import CONV2D, LINEAR, NameMap, Rule, flatten_params, load_into
 
 # Buffers torch keeps for training-mode BN only; dropped on import, absent on export (a torch BatchNorm loading a
 # plain state dict without them fills in 0).
@@ -77,13 +76,7 @@ def checkpoint_flat(module: nnx.Module) -> dict[str, np.ndarray]:
 
 def load_state(module: nnx.Module, flat: Mapping[str, np.ndarray], *, source: str = "checkpoint") -> None:
     """Strictly writes converted params and batch stats into `module` (every variable, right shapes, cast)."""
-    state = nnx.state(module, _CHECKPOINT_VARS)
-    model_flat = flatten_params(state)
-    arranged = stack_for_model(flat, model_flat, source=source)
-    # Device arrays, so a jitted forward does not re-transfer host numpy weights on every call.
-    cast = {k: jnp.asarray(v, dtype=model_flat[k].dtype) for k, v in arranged.items()}
-    nnx.replace_by_pure_dict(state, unflatten_params(cast))
-    nnx.update(module, state)
+    load_into(module, flat, source=source, variables=_CHECKPOINT_VARS)
 
 
 def export_state_dict(module: EfficientNetLite | EfficientNetPatchEncoder) -> dict[str, np.ndarray]:

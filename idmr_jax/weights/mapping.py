@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -217,11 +219,29 @@ def unstack_from_model(model_flat: Mapping[str, Array], name_map: NameMap) -> di
     return out
 
 
-def load_into(module: nnx.Module, flat: Mapping[str, Array], *, source: str = "checkpoint") -> None:
-    """Strictly writes converted flat params into `module` (casting to each param's dtype)."""
-    state = nnx.state(module, nnx.Param)
+def load_into(module: nnx.Module, flat: Mapping[str, Array], *, source: str = "checkpoint",
+              variables: Any = nnx.Param) -> None:
+    """Strictly writes converted flat tensors into `module`, cast to each variable's dtype.
+
+    `variables` is an nnx filter of what the checkpoint holds (e.g. ``nnx.Any(nnx.Param, nnx.BatchStat)`` for
+    BatchNorm statistics). Values become device arrays, so jitted calls do not re-transfer host weights.
+    """
+    state = nnx.state(module, variables)
     model_flat = flatten_params(state)
     arranged = stack_for_model(flat, model_flat, source=source)
-    cast = {k: np.asarray(v).astype(model_flat[k].dtype) for k, v in arranged.items()}
+    cast = {k: jnp.asarray(v, dtype=model_flat[k].dtype) for k, v in arranged.items()}
     nnx.replace_by_pure_dict(state, unflatten_params(cast))
     nnx.update(module, state)
+
+
+def load_partial(module: nnx.Module, converted: Mapping[str, Array], *, source: str = "checkpoint") -> list[str]:
+    """Strictly loads `converted` flat params into `module`; params it does not cover keep their current values.
+
+    Every converted path must exist in the module with the right shape (:func:`load_into` checks). Returns the
+    (per-layer) paths left untouched, so callers can log or assert them (e.g. fresh cross-attention layers).
+    """
+    identity = NameMap([Rule(k, k) for k in converted])
+    current = unstack_from_model(flatten_params(module), identity)
+    left = sorted(k for k in current if k not in converted)
+    load_into(module, {**current, **converted}, source=source)
+    return left

@@ -34,15 +34,35 @@ def probe_image(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             data = f.read()
+    except OSError as e:  # a directory, no permission, ...
+        return {**out, "error": f"image cannot be read: {type(e).__name__}: {e}"}
+    probed = probe_bytes(data)
+    out["width"], out["height"], out["error"] = probed["width"], probed["height"], probed["error"]
+    return out
+
+
+def probe_bytes(data: bytes) -> dict[str, Any]:
+    """Fully decodes encoded image bytes: ``{"width", "height", "format", "error"}`` (error None when usable;
+    the same rules as `probe_image`)."""
+    out: dict[str, Any] = {"width": None, "height": None, "format": None}
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
+                out["format"] = im.format
                 im.load()
                 out["width"], out["height"] = im.size
         out["error"] = None
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ... for broken files
         out["error"] = f"image does not decode: {type(e).__name__}: {e}"
     return out
+
+
+def encode_jpeg(image: Image.Image) -> bytes:
+    """RGB JPEG bytes (quality `JPEG_QUALITY`, no chroma subsampling, no EXIF): deterministic for equal pixels."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    return buf.getvalue()
 
 
 def shrink_to_max_side(data: bytes, max_side: int) -> tuple[bytes, tuple[int, int], tuple[int, int]]:

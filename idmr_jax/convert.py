@@ -9,12 +9,22 @@ Usage::
     python -m idmr_jax.convert import --format hf_bert        --src BERT_FOLDER --out DIR \
         [--cross-attention-freq 2] [--encoder-hidden-size 1408]
 
-    # converted Flax checkpoint -> PyTorch
+    # converted Flax checkpoint, training workdir (its latest step) or WORKDIR/checkpoints/<step> -> PyTorch
     python -m idmr_jax.convert export --format hf_blip2    --src DIR --out HF_FOLDER   # Blip2ForImageTextRetrieval
     python -m idmr_jax.convert export --format lavis_blip2 --src DIR --out FOLDER      # FOLDER/model.safetensors
+    python -m idmr_jax.convert export --format lavis_adafocal --src WORKDIR --out FOLDER  # official AdaFocal
+    python -m idmr_jax.convert import --format lavis_adafocal --src FOLDER --out DIR      # and back
+
+    # trained AdaFocal -> jax.export serving artifact (loaded by idmr_jax/serving.py, no flax needed)
+    python -m idmr_jax.convert export --format jax_serving --src WORKDIR --out DIR [--platforms cpu,cuda,tpu]
 
     # numerical parity of the Flax port against transformers on the same checkpoint
     python -m idmr_jax.convert verify --format hf_blip2 --src HF_FOLDER [--port DIR] [--dtype bfloat16] [--tol X]
+
+    # LLaVA (CLIP ViT + Qwen2 / Llama) embedder: transformers LlavaForConditionalGeneration <-> LlavaEmbedder
+    python -m idmr_jax.convert import --format hf_llava --src LLAVA_FOLDER --out DIR
+    python -m idmr_jax.convert export --format hf_llava --src DIR --out LLAVA_FOLDER
+    python -m idmr_jax.convert verify --format hf_llava --src LLAVA_FOLDER [--port DIR]
 
 Formats
     hf_blip2        transformers ``Blip2ForImageTextRetrieval`` (folder, or a state dict file with ``--config``
@@ -33,6 +43,37 @@ Formats
                     query FFN copies the text FFN, the cross-attention layers are fresh. BERT's token-type
                     embeddings and pooler are dropped. The learned query tokens are not part of a Q-Former
                     checkpoint (they belong to the BLIP-2 model), so there is no --num-query-tokens here.
+    lavis_adafocal  an official AdaFocal state dict (see export); the architecture comes from ``--config`` or the
+                    ``model_config.json`` an export leaves next to the weights, else from the tensor shapes (as
+                    lavis_blip2; the CRM's 8 heads are the official constant). ``itm_head`` stays at init.
+    hf_llava        transformers ``LlavaForConditionalGeneration`` folder (CLIP vision tower, Qwen2 or Llama text
+                    model; the save_pretrained, llava-hf hub and in-memory key layouts) -> ``LlavaEmbedder``
+                    (``idmr_jax.weights.llava_convert``). Export writes the save_pretrained layout; LoRA factors
+                    are merged into the LM kernels (``llava_convert.export_lora_adapter`` writes a PEFT adapter).
+                    Verify compares last hidden states, logits and the last-token embedding on image+text batches
+                    (right and left padded) and a text-only batch, on real positions.
+
+Export sources (--src): a converted model directory (``model_config.json`` + ``params/``, written by ``import``),
+a training workdir of ``python -m idmr_jax.main`` (the latest step under ``checkpoints/``), or one step directory
+``WORKDIR/checkpoints/<step>``. From a training checkpoint the model config is rebuilt from the saved training
+config and only the params (trainable and frozen) are read, never the optimiser state
+(``idmr_jax.weights.workdir``). ``hf_blip2`` / ``lavis_blip2`` of an AdaFocal model export its BLIP-2 part (the
+CAAM params are listed and left out); a model whose vision encoder is not an EVA ViT (the demo's EfficientNet)
+cannot be a BLIP-2 vision tower and is refused.
+
+Export-only formats
+    lavis_adafocal  the official AdaFocal (github HaHaJun1101/OACIR ``Blip2QformerOacirAdaFocal``; the vector-beta
+                    and baseline classes for those configs): FOLDER/model.safetensors holds exactly its state
+                    dict names and shapes, FOLDER/model_config.json the architecture (``import --format
+                    lavis_adafocal`` reads it back bit-exactly). Official tensors the port does not train (the
+                    Q-Former's BERT LM head ``Qformer.cls.*``, the ``position_ids`` buffer, the ``[DEC]`` row of a
+                    30522-token vocabulary) get the documented values of ``idmr_jax.weights.adafocal_names``; the
+                    port's ``itm_head`` has no official slot and is left out. Load with
+                    ``model.load_state_dict(safetensors.torch.load_file(".../model.safetensors"))``.
+    jax_serving     DIR/query.jaxexport and DIR/target.jaxexport (``jax.export``, symbolic batch), DIR/params.npz,
+                    DIR/serving.json (input / output names, shapes, dtypes) and a copy of the loader
+                    (``idmr_jax/serving.py``: ``query_fn, target_fn = serving.load(DIR)``).
+                    ``--platforms`` (default cpu,cuda,tpu) lists where the artifact may run.
 
 Exit codes: 0 success; 1 verify found a difference above the tolerance; 2 bad input (missing / unexpected /
 misshapen tensors, unknown files): the message names the offending tensor.
@@ -54,9 +95,9 @@ import numpy as np
 from idmr_jax.weights import io
 from idmr_jax.weights.mapping import NameMap, WeightMismatchError, load_into, prefixed, unstack_from_model
 
-IMPORT_FORMATS = ("hf_blip2", "lavis_blip2", "hf_clip_vision", "hf_bert")
-EXPORT_FORMATS = ("hf_blip2", "lavis_blip2")
-VERIFY_FORMATS = ("hf_blip2",)
+IMPORT_FORMATS = ("hf_blip2", "lavis_blip2", "hf_clip_vision", "hf_bert", "lavis_adafocal", "hf_llava")
+EXPORT_FORMATS = ("hf_blip2", "lavis_blip2", "lavis_adafocal", "jax_serving", "hf_llava")
+VERIFY_FORMATS = ("hf_blip2", "hf_llava")
 
 # Default verify tolerances (max abs difference over all compared outputs). float32 is the project-wide parity
 # bound. bfloat16 runs the port in bf16 compute (float32 params) against the float32 reference: bf16 keeps 8
@@ -330,8 +371,47 @@ def _import_hf_bert(src: Path, args):
     return "qformer", module, cfg, fresh
 
 
+def _import_lavis_adafocal(src: Path, args):
+    from idmr_jax.models.adafocal import AdaFocalConfig
+    from idmr_jax.weights import adafocal_names, workdir
+
+    sd = io.load_torch_state_dict(src)
+    beside = (src if src.is_dir() else src.parent) / io.MODEL_CONFIG_FILE
+    config_file = args.config or (str(beside) if beside.exists() else None)
+    dec_row = False
+    if config_file:
+        data = json.loads(Path(config_file).read_text())
+        if data.get("kind") != "adafocal":
+            raise ConvertError(f"{config_file}: not an AdaFocal model_config.json (kind {data.get('kind')!r})")
+        cfg = io.config_from_dict(AdaFocalConfig, data["config"])
+        dec_row = bool(data.get("lavis_adafocal", {}).get("dec_row_appended", False))
+        _log(f"{src}: architecture from {config_file}")
+    else:
+        cfg = adafocal_names.infer_config(sd, _infer_lavis_config(sd))
+        _log(f"{src}: architecture inferred from tensor shapes (pass --config to set it): "
+             f"{json.dumps(io.config_to_dict(cfg))}")
+    cfg = _apply_overrides(cfg, _overrides(args))
+    try:
+        flat = adafocal_names.from_official_state_dict(sd, cfg, dec_row_appended=dec_row, source=str(src))
+    except ValueError as e:
+        raise ConvertError(str(e)) from e
+    # Built around the converted params (no full random init first); only itm_head is initialised.
+    fresh = sorted(adafocal_names.UNMAPPED)
+    module = workdir.load_module("adafocal", cfg, flat, seed=args.seed, source=str(src), fresh=fresh)
+    _log(f"{src}: freshly initialised (no official counterpart): {_summarise_paths(fresh)}")
+    return "adafocal", module, cfg, fresh
+
+
+def _import_hf_llava(src: Path, args):
+    from idmr_jax.weights import llava_convert
+
+    model, cfg = llava_convert.load_hf_llava(src, config=args.config, seed=args.seed, **_overrides(args))
+    return "llava", model, cfg, []
+
+
 _IMPORTERS = {"hf_blip2": _import_hf_blip2, "lavis_blip2": _import_lavis_blip2,
-              "hf_clip_vision": _import_hf_clip_vision, "hf_bert": _import_hf_bert}
+              "hf_clip_vision": _import_hf_clip_vision, "hf_bert": _import_hf_bert,
+              "lavis_adafocal": _import_lavis_adafocal, "hf_llava": _import_hf_llava}
 
 
 def import_checkpoint(fmt: str, src: str | Path, out: str | Path, args: argparse.Namespace | None = None) -> Path:
@@ -359,19 +439,35 @@ def _cast(sd: dict[str, np.ndarray], dtype: str | None) -> dict[str, np.ndarray]
 
 
 def export_checkpoint(fmt: str, src: str | Path, out: str | Path, *, dtype: str | None = None,
-                      drop_k_bias: bool = False) -> Path:
-    """Writes a converted BLIP-2 checkpoint `src` as a PyTorch checkpoint of format `fmt` under folder `out`.
+                      drop_k_bias: bool = False, platforms: Sequence[str] | None = None) -> Path:
+    """Writes the model of `src` (a converted model directory, a training workdir or one of its checkpoint steps;
+    see the module docstring) in format `fmt` under folder `out`.
 
     hf_blip2: ``model.safetensors`` + ``config.json`` of a ``Blip2ForImageTextRetrieval`` (``temp`` is dropped:
     that class has no temperature). lavis_blip2: LAVIS-named ``model.safetensors`` plus ``model_config.json``
     (LAVIS has no config file; ``import`` picks it up). LAVIS has no key bias in EVA attention: a nonzero k part of
     a fused qkv bias is an error unless `drop_k_bias` (exact: a key bias shifts all logits of a query equally).
+    lavis_adafocal / jax_serving: see :func:`_export_lavis_adafocal` / :func:`_export_jax_serving`.
+    `platforms`: jax_serving only.
     """
-    from idmr_jax.weights import blip2_names, vit_names
+    from idmr_jax.weights import blip2_names, vit_names, workdir
 
-    kind, cfg, flat = io.restore_params(src)
-    if kind != "blip2":
-        raise ConvertError(f"{src}: holds a {kind!r} model; export supports blip2 only")
+    try:
+        source = workdir.read_source(src)
+    except ValueError as e:  # e.g. a training config of another task, or one that does not match its params
+        raise ConvertError(f"{src}: {e}") from e
+    if fmt == "hf_llava":
+        from idmr_jax.weights import llava_convert
+
+        return llava_convert.export_hf_llava(out, source.model_config, source.flat, kind=source.kind, dtype=dtype,
+                                             src=str(src), log=_log)
+    if fmt == "lavis_adafocal":
+        return _export_lavis_adafocal(source, src, out, dtype=dtype, drop_k_bias=drop_k_bias)
+    if fmt == "jax_serving":
+        if dtype:
+            raise ConvertError("--dtype applies to the PyTorch formats; jax_serving keeps the trained param dtypes")
+        return _export_jax_serving(source, src, out, platforms=platforms)
+    cfg, flat = _blip2_part(source, src, fmt)
     flat = unstack_from_model(flat, _probe_map(cfg))
     if fmt == "hf_blip2":
         name_map = blip2_names.hf_blip2_retrieval_map(cfg)
@@ -401,6 +497,73 @@ def export_checkpoint(fmt: str, src: str | Path, out: str | Path, *, dtype: str 
             json.dumps({"format_version": io.FORMAT_VERSION, "kind": "blip2", "config": io.config_to_dict(cfg)},
                        indent=2) + "\n")
     return path
+
+
+def _blip2_part(source, src, fmt: str):
+    """(Blip2Config, flat BLIP-2 params) of a blip2 model, or of the BLIP-2 inside an AdaFocal model."""
+    from idmr_jax.models.vit import ViTConfig
+
+    cfg, flat = source.model_config, source.flat
+    if source.kind == "adafocal":
+        rest = sorted(k for k in flat if not k.startswith("blip2/"))
+        _log(f"{src}: exporting the BLIP-2 of an AdaFocal model; {fmt} has no place for the CAAM params "
+             f"({_summarise_paths(rest)}); itm_head is exported as it is (AdaFocal does not train it)")
+        cfg, flat = cfg.blip2, {k[len("blip2/"):]: v for k, v in flat.items() if k.startswith("blip2/")}
+    elif source.kind != "blip2":
+        raise ConvertError(f"{src}: holds a {source.kind!r} model; {fmt} needs a BLIP-2 or AdaFocal model")
+    vision = cfg.vision
+    if not isinstance(vision, ViTConfig) or vision.style != "eva":
+        what = f"a {vision.style!r}-style ViT" if isinstance(vision, ViTConfig) else \
+            f"an {type(vision).__name__} (kind 'efficientnet', the demo config)"
+        raise ConvertError(f"{src}: the vision encoder is {what}; {fmt} holds an EVA ViT (transformers "
+                           f"Blip2VisionModel / LAVIS eva_vit), so this model cannot be exported as {fmt}")
+    return cfg, flat
+
+
+def _require_adafocal(source, src, fmt: str) -> None:
+    if source.kind != "adafocal":
+        raise ConvertError(f"{src}: holds a {source.kind!r} model; {fmt} needs an AdaFocal model (a training "
+                           f"workdir, one of its checkpoints, or an `import --format lavis_adafocal` output)")
+
+
+def _export_lavis_adafocal(source, src, out, *, dtype: str | None, drop_k_bias: bool) -> Path:
+    """The official AdaFocal state dict (``idmr_jax.weights.adafocal_names``) + ``model_config.json``."""
+    from idmr_jax.weights import adafocal_names
+
+    _require_adafocal(source, src, "lavis_adafocal")
+    cfg = source.model_config
+    try:
+        name_map = adafocal_names.lavis_adafocal_map(cfg)
+    except ValueError as e:
+        raise ConvertError(f"{src}: {e}") from e
+    flat = unstack_from_model(source.flat, name_map)
+    sd, notes = adafocal_names.to_official_state_dict(flat, cfg, drop_k_bias=drop_k_bias, source=str(src))
+    cls = adafocal_names.official_class(cfg)
+    _log(f"lavis_adafocal ({cls}): left out (no official counterpart): {notes['dropped']}")
+    _log(f"lavis_adafocal: not trained by this port, written with documented values "
+         f"(idmr_jax.weights.adafocal_names): {notes['untrained']}")
+    if notes["dec_row_appended"]:
+        _log(f"lavis_adafocal: the Q-Former vocabulary has bert-base's {cfg.blip2.qformer.vocab_size} tokens; "
+             f"appended LAVIS' [DEC] row (zeros, never read by AdaFocal)")
+    eps = cfg.blip2.ln_vision_eps if cfg.blip2.ln_vision_eps is not None else cfg.blip2.vision.layer_norm_eps
+    if eps != 1e-5:
+        _log(f"note: the official ln_vision is a torch LayerNorm with eps 1e-5; this model used {eps}")
+    path = io.save_torch_state_dict(_cast(sd, dtype), out)
+    meta = {"format_version": io.FORMAT_VERSION, "kind": "adafocal", "config": io.config_to_dict(cfg),
+            "lavis_adafocal": {"official_class": cls, **notes}, "source": source.provenance}
+    (Path(out) / io.MODEL_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def _export_jax_serving(source, src, out, *, platforms: Sequence[str] | None) -> Path:
+    """``jax.export`` query / target functions + params (``idmr_jax.serving_export``)."""
+    from idmr_jax import serving_export
+    from idmr_jax.weights import workdir
+
+    _require_adafocal(source, src, "jax_serving")
+    module = workdir.load_module(source.kind, source.model_config, source.flat, source=str(src))
+    return serving_export.export(module, out, platforms=platforms, provenance=source.provenance,
+                                 max_text_len=source.max_text_len)
 
 
 def _probe_map(cfg) -> NameMap:
@@ -594,11 +757,15 @@ def _parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="idmr_jax checkpoint directory -> PyTorch checkpoint folder")
     exp.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    exp.add_argument("--src", required=True, help="directory written by `import` (or by training)")
+    exp.add_argument("--src", required=True, help="directory written by `import`, a training workdir, or "
+                                                  "WORKDIR/checkpoints/<step>")
     exp.add_argument("--out", required=True, help="output folder (model.safetensors [+ config.json])")
     exp.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast floating tensors")
     exp.add_argument("--drop-k-bias", action="store_true",
-                     help="lavis_blip2: drop a nonzero EVA key bias (LAVIS has none; outputs are unchanged)")
+                     help="lavis_blip2 / lavis_adafocal: drop a nonzero EVA key bias (LAVIS has none; outputs "
+                          "are unchanged)")
+    exp.add_argument("--platforms", type=lambda s: tuple(filter(None, s.split(","))),
+                     help="jax_serving: comma-separated platforms to export for (default cpu,cuda,tpu)")
 
     ver = sub.add_parser("verify", help="parity of the Flax port against transformers on the same checkpoint")
     ver.add_argument("--format", required=True, choices=VERIFY_FORMATS)
@@ -622,12 +789,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = import_checkpoint(args.format, args.src, args.out, args)
             _log(f"wrote {out} ({time.time() - t0:.1f}s)")
         elif args.command == "export":
-            out = export_checkpoint(args.format, args.src, args.out, dtype=args.dtype, drop_k_bias=args.drop_k_bias)
+            out = export_checkpoint(args.format, args.src, args.out, dtype=args.dtype, drop_k_bias=args.drop_k_bias,
+                                    platforms=args.platforms)
             _log(f"wrote {out} ({time.time() - t0:.1f}s)")
         else:
             tol = DEFAULT_TOL[args.dtype] if args.tol is None else args.tol
-            worst, _ = verify(args.src, port=args.port, dtype=args.dtype, tol=tol, config=args.config,
-                              batch=args.batch, text_len=args.text_len, seed=args.seed)
+            if args.format == "hf_llava":
+                from idmr_jax.weights import llava_convert
+
+                worst, _ = llava_convert.verify(args.src, port=args.port, dtype=args.dtype, batch=args.batch,
+                                                text_len=args.text_len, seed=args.seed)
+            else:
+                worst, _ = verify(args.src, port=args.port, dtype=args.dtype, tol=tol, config=args.config,
+                                  batch=args.batch, text_len=args.text_len, seed=args.seed)
             ok = worst <= tol  # also False for NaN
             _log(f"{'OK' if ok else 'FAIL'}: max_abs_diff {worst:.3e} {'<=' if ok else '>'} tol {tol:.1e}")
             # The contract: the last line, on stdout, is the worst difference.

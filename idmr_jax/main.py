@@ -3,6 +3,10 @@
 The config file's ``get_config(arg)`` builds an ml_collections ConfigDict; any field can be overridden on the
 command line, e.g. ``--config.train.num_steps=100 --config.data.batch_size=64``. ``config.mode`` selects
 ``train`` (train, then evaluate) or ``eval`` (evaluate the latest checkpoint in the workdir).
+
+Multi-process: the same command runs on every host (one process per host). TPU VMs and Slurm are detected by
+JAX itself; elsewhere pass ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or the
+``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables, which the flags override).
 """
 
 from __future__ import annotations
@@ -12,6 +16,11 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/oacir.py:demo", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, logs and results.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0's JAX coordinator (overrides JAX_COORDINATOR_ADDRESS); "
+    "not needed on TPU VMs or under Slurm.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of JAX processes (overrides JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..N-1 (overrides JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -22,7 +31,8 @@ def main(argv):
 
     from idmr_jax import runtime  # imported after flag parsing: it initialises JAX (multi-host aware)
 
-    runtime.initialize(config)
+    runtime.initialize(config, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                       process_id=_PROCESS_ID.value)
     from idmr_jax import tasks
     from idmr_jax.train import trainer
 

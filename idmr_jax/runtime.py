@@ -1,4 +1,4 @@
-"""Process-level JAX set-up shared by every entry point."""
+"""Process-level JAX set-up shared by every entry point: one code path for one host and for many."""
 
 from __future__ import annotations
 
@@ -8,24 +8,39 @@ import jax
 from absl import logging
 
 
-def initialize(config=None) -> None:
-    """Initialises multi-process JAX when the environment asks for it; a no-op on a single host.
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
 
-    On TPU VMs ``jax.distributed.initialize()`` discovers the slice by itself; on GPU clusters it reads
-    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (or Slurm's variables).
+
+def initialize(config=None, *, coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """Initialises multi-process JAX when the flags or the environment ask for it; a no-op on a single host.
+
+    Must run before anything touches a JAX backend. Sources, the first that is set wins:
+
+    * the arguments (``--coordinator_address``, ``--num_processes``, ``--process_id`` of ``idmr_jax.main``);
+    * ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` (``launch/gpu_slurm.sh`` sets them);
+    * JAX's own cluster detection (Slurm, Open MPI, Cloud TPU metadata) for whatever is still unset.
+
     ``IDMR_DISTRIBUTED=1`` asks for it explicitly (``launch/tpu_vm.sh run`` sets it): a plain TPU VM's
     environment does not show that it belongs to a multi-host slice, only its metadata server does.
+    Multi-process CPU runs need no extra setting: jax 0.10.2 uses gloo collectives on CPU by default
+    (``jax_cpu_collectives_implementation``), wired to the coordinator's key-value store.
     """
+    del config  # the signature takes the config so that a future setting can come from it
     if jax.distributed.is_initialized():
         return
-    wants = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1" \
-        or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0 or os.environ.get("IDMR_DISTRIBUTED") == "1"
+    address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    count = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    index = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+    wants = (address is not None or count is not None or index is not None
+             or os.environ.get("SLURM_NTASKS", "1") != "1"
+             or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+             or os.environ.get("IDMR_DISTRIBUTED") == "1")
     if wants:
-        kwargs = {}
-        if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-            kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                          num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                          process_id=int(os.environ["JAX_PROCESS_ID"]))
+        kwargs = {k: v for k, v in dict(coordinator_address=address, num_processes=count, process_id=index).items()
+                  if v is not None}
         jax.distributed.initialize(**kwargs)
     logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.default_backend())

@@ -26,6 +26,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),
     ("mlp", "model"),
     ("heads", "model"),
+    ("kv_heads", "model"),  # GQA key/value heads (replicated by divisible_pspec when fewer than the model axis)
     ("qkv", "model"),
     ("kv", None),
     ("vocab", "model"),

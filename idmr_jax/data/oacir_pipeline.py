@@ -27,6 +27,17 @@ from idmr_jax.data.boxes import box_to_patch_mask, perturb_box
 
 QUERY_GLOB = "queries-*.array_record"
 GALLERY_GLOB = "gallery-*.array_record"
+
+
+def list_shards(folder: str | os.PathLike, pattern: str) -> list[str]:
+    """Paths of the shards matching `pattern` in `folder` (local or gs://: globbed with etils.epath), in sorted
+    order (the order that gallery keys in query records refer to); an error naming the folder if none match."""
+    from etils import epath
+
+    paths = sorted(os.fspath(p) for p in epath.Path(folder).glob(pattern))
+    if not paths:
+        raise FileNotFoundError(f"no shard matches {pattern!r} in {os.fspath(folder)!r}")
+    return paths
 BOX_PERTURBATIONS = {"none": "exact", "iou0.8": "scale", "iou0.5": "scale_shift", "no_box": "none"}
 
 
@@ -254,8 +265,8 @@ def train_iterator(config, model_config=None, *, spec: ImageSpec | None = None) 
         if model_config is None:
             raise ValueError("train_iterator needs a model_config (an AdaFocalConfig) or an explicit spec")
         spec = image_spec(model_config)
-    query_paths = records.shard_paths(os.path.join(d.train_dir, QUERY_GLOB))
-    gallery_paths = records.shard_paths(os.path.join(d.train_dir, GALLERY_GLOB))
+    query_paths = list_shards(d.train_dir, QUERY_GLOB)
+    gallery_paths = list_shards(d.train_dir, GALLERY_GLOB)
     shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     per_host_files = len(query_paths) // shard.shard_count
     if d.num_workers > max(per_host_files, 1):

@@ -2,17 +2,23 @@
 
 Outputs (the contract the checks read): ``WORKDIR/eval/metrics.json`` (flat ``"<subset>/<metric>"`` keys and
 ``"avg"``, in percent), ``WORKDIR/eval/rankings.jsonl`` (top 50 gallery names per query) and, where images
-are available, one PNG result grid per subset.
+are available, one PNG result grid per subset. ``WORKDIR`` may be local or ``gs://`` (files go through
+``etils.epath``); only process 0 writes.
+
+Multi-process: every process runs the same loop over the same (global) data; each block is placed on the
+whole mesh and the features come back replicated, so every process ends with the same numbers.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -35,6 +41,8 @@ class FeatureEncoder:
         spec = shd.logical_to_pspec(("batch",), rules)
         self._sharding = (lambda nd: NamedSharding(mesh, PartitionSpec(*spec, *([None] * (nd - 1))))) \
             if mesh is not None else (lambda nd: None)
+        # Replicated outputs: every process can read them (a batch-sharded result would be split across hosts).
+        out = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
 
         def vision(state, pixels):
             return nnx.merge(self.graphdef, state).encode_image(pixels)
@@ -45,7 +53,7 @@ class FeatureEncoder:
         def queries(state, embeds, ids, mask, box_mask):
             return nnx.merge(self.graphdef, state).query_features(embeds, ids, mask, box_mask)
 
-        self._vision, self._targets, self._queries = jax.jit(vision), jax.jit(targets), jax.jit(queries)
+        self._vision, self._targets, self._queries = (jax.jit(f, out_shardings=out) for f in (vision, targets, queries))
 
     def pad(self, arrays: dict[str, np.ndarray]) -> tuple[int, dict]:
         """Pads a block (<= batch_size rows) to batch_size and places it on the mesh."""
@@ -56,7 +64,8 @@ class FeatureEncoder:
             if valid < self.batch_size:
                 v = np.concatenate([v, np.repeat(v[-1:], self.batch_size - valid, axis=0)])
             sh = self._sharding(v.ndim)
-            out[k] = jax.device_put(v, sh) if sh is not None else v
+            # Every process holds the whole block: each hands over the rows of its own devices.
+            out[k] = jax.make_array_from_callback(v.shape, sh, lambda idx, v=v: v[idx]) if sh is not None else v
         return valid, out
 
     def _blocks(self, arrays: dict[str, np.ndarray]) -> Iterator[tuple[int, dict]]:
@@ -120,10 +129,15 @@ def evaluate_subset(subset: str, query_feats: np.ndarray, gallery_feats: np.ndar
 
 
 def write_outputs(workdir, per_subset: dict, records: Iterable[dict]) -> dict:
+    """Writes ``WORKDIR/eval/metrics.json`` (flat, in percent) and ``rankings.jsonl`` from process 0; returns
+    the flat metrics (on every process)."""
     flat = metrics_lib.aggregate(per_subset)
     if jax.process_index() == 0:
-        metrics_lib.write_metrics(workdir, flat)
-        metrics_lib.write_rankings(workdir, records)
+        out = epath.Path(workdir) / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(
+            json.dumps({k: float(v) for k, v in flat.items()}, indent=2, sort_keys=True) + "\n")
+        (out / "rankings.jsonl").write_text("".join(json.dumps(dict(r)) + "\n" for r in records))
     return flat
 
 
@@ -132,7 +146,8 @@ def evaluate_fake(model, spec, config: ml_collections.ConfigDict, workdir) -> di
     from idmr_jax.data import fake
 
     pool = fake.make_pool(spec)
-    enc = FeatureEncoder(model, config.eval.batch_size)
+    mesh = shd.make_mesh(dict(config.sharding.mesh))
+    enc = FeatureEncoder(model, config.eval.batch_size, mesh, tuple(tuple(r) for r in config.sharding.rules))
     gallery = enc.targets(pool["tgt_pixels"])
     q, _ = enc.queries(pool["ref_pixels"], pool["input_ids"], pool["attention_mask"], pool["box_mask"])
     n = len(q)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import defaultdict
 
 import grain
@@ -51,27 +52,27 @@ def _final_box(rec: records.QueryRecord, spec, mode: str, seed: int):
 def evaluate_folder(enc: oacir_eval.FeatureEncoder, folder: str, config, spec, workdir) -> dict[str, tuple]:
     """Metrics and ranking records per subset found in one converted val folder."""
     d, e = config.data, config.eval
-    gallery_paths = records.shard_paths(os.path.join(folder, oacir_pipeline.GALLERY_GLOB))
-    query_paths = records.shard_paths(os.path.join(folder, oacir_pipeline.QUERY_GLOB))
+    gallery_paths = oacir_pipeline.list_shards(folder, oacir_pipeline.GALLERY_GLOB)
+    query_paths = oacir_pipeline.list_shards(folder, oacir_pipeline.QUERY_GLOB)
     gallery = _gallery_metadata(gallery_paths)
     queries = _query_records(query_paths)
     n = len(gallery)
 
-    # Gallery pass: vision tokens go to a disk cache (reused by the queries), target features stay in memory.
+    # Gallery pass: vision tokens go to a memory-mapped cache on local scratch disk (reused by the queries; the
+    # workdir may be an object store), target features stay in memory.
     ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(gallery_paths)).map(GalleryPixels(spec))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)).batch(enc.batch_size)
     if d.num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
-    cache_dir = epath.Path(workdir) / "eval" / "cache"
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = tempfile.TemporaryDirectory(prefix="idmr_eval_tokens_")  # $TMPDIR; removed when done
     tokens_cache = None
     feats = None
     row = 0
     for pixels in ds:
         embeds, tf = enc.vision_and_targets(np.asarray(pixels))
         if tokens_cache is None:
-            tokens_cache = np.lib.format.open_memmap(os.fspath(cache_dir / f"{os.path.basename(folder)}_vision.npy"),
-                                                     mode="w+", dtype=np.float32, shape=(n, *embeds.shape[1:]))
+            tokens_cache = np.lib.format.open_memmap(os.path.join(cache_dir.name, "vision.npy"), mode="w+",
+                                                     dtype=np.float32, shape=(n, *embeds.shape[1:]))
             feats = np.zeros((n, *tf.shape[1:]), np.float32)
         tokens_cache[row:row + len(embeds)] = embeds
         feats[row:row + len(tf)] = tf
@@ -122,6 +123,7 @@ def evaluate_folder(enc: oacir_eval.FeatureEncoder, folder: str, config, spec, w
                                  [[in_subset[j] for j in row[:6]] for row in rankings[:e.grid_queries]], gallery,
                                  spec)
     del tokens_cache
+    cache_dir.cleanup()
     return results
 
 

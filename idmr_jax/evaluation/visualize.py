@@ -50,3 +50,8 @@ def write_grid(path: epath.Path, queries, rankings, gallery, spec, top: int = 5)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:
         canvas.save(f, format="PNG")
+
+
+def thumbnail(image: Image.Image, spec, box=None) -> Image.Image:
+    """A THUMB-pixel view of `image` as the model sees it (TargetPad/resize/crop), with `box` (in that frame) drawn."""
+    return _thumb(image, spec, box)

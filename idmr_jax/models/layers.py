@@ -58,6 +58,9 @@ class Dense(nnx.Module):
     ``kernel`` has shape ``in_features + out_features`` (e.g. ``[embed, heads, head_dim]`` for a
     per-head projection), so tensor parallelism can shard whole heads; ``bias`` has ``out_features``.
     Inputs are contracted over their last ``len(in_features)`` dimensions.
+    With ``lora`` (an ``idmr_jax.models.lora.LoRAConfig``) the layer also holds float32 ``lora_a``
+    ``[*in, r]`` / ``lora_b`` ``[r, *out]`` and adds ``dropout(x) A B * scale`` (see ``idmr_jax.models.lora``);
+    `deterministic` only matters for that dropout.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class Dense(nnx.Module):
         precision: str | jax.lax.Precision | None = None,
         kernel_init: Callable = trunc_normal(0.02),
         bias_init: Callable = jax.nn.initializers.zeros,
+        lora: Any = None,
         rngs: nnx.Rngs,
     ):
         self.in_features = _as_tuple(in_features)
@@ -82,8 +86,12 @@ class Dense(nnx.Module):
         self.kernel = make_param(
             rngs, kernel_init, self.in_features + self.out_features, tuple(in_axes) + tuple(out_axes), param_dtype)
         self.bias = make_param(rngs, bias_init, self.out_features, out_axes, param_dtype) if use_bias else None
+        # Optional LoRA (an idmr_jax.models.lora.LoRAConfig): without it the params and outputs are unchanged.
+        self.lora = lora
+        if lora is not None:
+            self._init_lora(lora, in_axes, out_axes, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
         n_in = len(self.in_features)
         if x.shape[-n_in:] != self.in_features:
             raise ValueError(f"Dense expects trailing dims {self.in_features}, got input {x.shape}")
@@ -93,7 +101,30 @@ class Dense(nnx.Module):
         y = jax.lax.dot_general(x.astype(dtype), kernel, (contract, ((), ())), precision=self.precision)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
+        if self.lora is not None and not self.lora_merged:
+            y = y + self._lora_branch(x.astype(dtype), contract, deterministic)
         return y
+
+    def _init_lora(self, lora, in_axes: Axes, out_axes: Axes, rngs: nnx.Rngs) -> None:
+        from idmr_jax.models.lora import kaiming_uniform_a_sqrt5
+
+        r, pdt = int(lora.rank), jnp.dtype(lora.param_dtype)
+        fan_in = int(np.prod(self.in_features))
+        # PEFT: A ~ kaiming_uniform(a=sqrt(5)) of the [r, in] torch weight, B = 0 (a fresh adapter is a no-op).
+        self.lora_a = make_param(rngs, functools.partial(kaiming_uniform_a_sqrt5, fan_in=fan_in),
+                                 self.in_features + (r,), tuple(in_axes) + (None,), pdt)
+        self.lora_b = make_param(rngs, jax.nn.initializers.zeros, (r,) + self.out_features, (None,) + tuple(out_axes),
+                                 pdt)
+        self.lora_dropout = nnx.Dropout(float(lora.dropout), rngs=rngs) if lora.dropout > 0 else None
+        self.lora_merged = False  # set by lora.merge: the delta then lives in `kernel`
+
+    def _lora_branch(self, x: jax.Array, contract, deterministic: bool) -> jax.Array:
+        dtype = x.dtype
+        if self.lora_dropout is not None:
+            x = self.lora_dropout(x, deterministic=deterministic)
+        h = jax.lax.dot_general(x, self.lora_a[...].astype(dtype), (contract, ((), ())), precision=self.precision)
+        y = jnp.tensordot(h, self.lora_b[...].astype(dtype), axes=1, precision=self.precision)
+        return y * jnp.asarray(self.lora.scale, dtype)
 
 
 class LayerNorm(nnx.Module):

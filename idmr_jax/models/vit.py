@@ -37,11 +37,18 @@ kernel sharded on its output axis would cut across the q/k/v boundaries).
 Inputs are NHWC pixels; any ``H, W`` works (trailing pixels that do not fill a patch are dropped, as by the
 strided conv). When the patch grid differs from the pretraining grid the position table is resized bicubically
 with torch's kernel, i.e. transformers' ``interpolate_pos_encoding=True``.
+
+Intermediate layers (LLaVA takes the second-to-last): :meth:`VisionTransformer.hidden_states` returns
+transformers' ``hidden_states[k]`` (0 = the embeddings after ``pre_layrnorm``, k = the output of block k,
+negative k counted from ``depth + 1``) and runs only the blocks it needs; the param tree stays the full
+checkpoint's, so conversions stay exact in both directions. The blocks also take an additive attention ``bias``
+(the CLIP text tower reuses them with a causal + padding mask).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import flax.struct
@@ -210,7 +217,8 @@ class SelfAttention(nnx.Module):
             self.value = _dense(cfg, rngs, d, (h, hd), ("embed",), ("heads", "kv"))
         self.out = _dense(cfg, rngs, (h, hd), d, ("heads", "kv"), ("embed",))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+        """`bias`: additive attention logits bias broadcastable to [B, H, L, L] (None: bidirectional, unmasked)."""
         if self.cfg.style == "eva":
             qkv = self.qkv(x)  # [B, L, 3, H, Dh]
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -218,7 +226,7 @@ class SelfAttention(nnx.Module):
             q, k, v = self.query(x), self.key(x), self.value(x)
         head_axes = ("batch", "length", "heads", "kv")
         q, k, v = (constrain(t, head_axes) for t in (q, k, v))
-        o = L.dot_product_attention(q, k, v, precision=self.cfg.precision)
+        o = L.dot_product_attention(q, k, v, bias=bias, precision=self.cfg.precision)
         return self.out(constrain(o, head_axes))
 
 
@@ -244,8 +252,8 @@ class Block(nnx.Module):
         self.norm2 = _norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.norm1(x))
+    def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+        x = x + self.attn(self.norm1(x), bias)
         x = x + self.mlp(self.norm2(x))
         return constrain(x, _ACT_AXES)
 
@@ -258,8 +266,8 @@ def _remat_policy(name: str):
     }[name]
 
 
-def _apply_block(block: Block, x: jax.Array) -> jax.Array:
-    return block(x)
+def _apply_block(block: Block, x: jax.Array, bias: jax.Array | None) -> jax.Array:
+    return block(x, bias)
 
 
 class Encoder(nnx.Module):
@@ -280,20 +288,34 @@ class Encoder(nnx.Module):
         else:
             self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, bias: jax.Array | None = None, start: int = 0,
+                 stop: int | None = None) -> jax.Array:
+        """Runs blocks ``start .. stop - 1`` (all by default) on `x`; `bias` is added to every attention's logits."""
         cfg = self.cfg
+        stop = cfg.depth if stop is None else stop
+        if not 0 <= start <= stop <= cfg.depth:
+            raise ValueError(f"block range [{start}, {stop}) is outside the encoder's {cfg.depth} blocks")
+        if start == stop:
+            return x
         apply = _apply_block
         if cfg.remat != "none":
             apply = nnx.remat(_apply_block, policy=_remat_policy(cfg.remat))
         if cfg.scan:
+            layers = self.layers
+            if (start, stop) != (0, cfg.depth):
+                # A view of the stacked params restricted to the wanted blocks (slicing is differentiable, so
+                # gradients reach the full stacked params; the blocks hold no mutable state to write back).
+                graphdef, state = nnx.split(self.layers)
+                layers = nnx.merge(graphdef, jax.tree.map(lambda a: a[start:stop], state))
+
             def body(h, block):
-                return apply(block, h), None
+                return apply(block, h, bias), None
 
             x, _ = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
-                            transform_metadata={nnx.PARTITION_NAME: "layers"})(x, self.layers)
+                            transform_metadata={nnx.PARTITION_NAME: "layers"})(x, layers)
             return x
-        for block in self.layers:
-            x = apply(block, x)
+        for i in range(start, stop):
+            x = apply(self.layers[i], x, bias)
         return x
 
 
@@ -320,6 +342,30 @@ class VisionTransformer(nnx.Module):
         x = self.encoder(x)
         pooled = self.post_norm(x[:, 0]) if self.post_norm is not None else None
         return VisionOutput(tokens=x, grid=grid, pooled=pooled)
+
+    def hidden_states(self, pixels: jax.Array, layers: int | Sequence[int]) -> tuple[jax.Array, ...]:
+        """transformers' ``hidden_states[k]`` for each k in `layers` (an int or a sequence), in that order.
+
+        Index 0 is the embeddings (after ``pre_layrnorm`` for CLIP), k >= 1 the output of block k, negative k
+        counts from ``depth + 1`` (so -1 is the last block's output, before any ``post_layernorm``; -2 is LLaVA's
+        default). Only the blocks up to the deepest requested index run.
+        """
+        wanted = [layers] if isinstance(layers, int) else list(layers)
+        n = self.cfg.depth + 1
+        resolved = []
+        for k in wanted:
+            if not -n <= k < n:
+                raise ValueError(f"hidden state index {k} is out of range for a {self.cfg.depth}-block ViT")
+            resolved.append(k % n)
+        x, _ = self.embeddings(pixels.astype(jnp.dtype(self.cfg.dtype)))
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        states, done = {0: x}, 0
+        for k in sorted(set(resolved)):
+            if k > done:
+                x = self.encoder(x, start=done, stop=k)
+                states[k], done = x, k
+        return tuple(states[k] for k in resolved)
 
 
 def patch_grid(cfg: ViTConfig, height: int, width: int) -> tuple[int, int]:

@@ -11,6 +11,10 @@ def build(config: ml_collections.ConfigDict):
         from idmr_jax.tasks.adafocal import AdaFocalTask
 
         return AdaFocalTask(config)
+    if config.task == "idmr":
+        from idmr_jax.tasks.idmr import IdmrTask
+
+        return IdmrTask(config)
     raise ValueError(f"unknown task {config.task!r}")
 
 

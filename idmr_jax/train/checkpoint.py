@@ -1,11 +1,18 @@
 """Orbax checkpoints of the train state, the data iterator and the resolved config, saved together.
 
+Every process takes part in every save and restore: each writes its own shards of the (globally sharded)
+state, and each saves its own data-iterator state (``data/process_<i>-of-<n>.json``), because with an input
+pipeline sharded by process the positions differ per process. ``WORKDIR`` may be local or ``gs://``; on several
+hosts it must be a directory they all see.
+
 Resume order: the latest step whose checkpoint restores; an unreadable checkpoint (e.g. a run killed while it
-was being finalised on a filesystem without atomic renames) is reported and the previous one is used.
+was being finalised on a filesystem without atomic renames) is reported and the previous one is used. A data
+state saved by a different number of processes is an error, not a fallback: positions cannot be remapped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Protocol
 
@@ -20,6 +27,10 @@ class StatefulIterator(Protocol):
     def set_state(self, state: Any) -> None: ...
 
 
+class DataStateMismatchError(ValueError):
+    """The checkpoint's data-iterator states were written by a different number of processes."""
+
+
 def _iterator_state_json(it: StatefulIterator) -> dict:
     state = it.get_state()
     if isinstance(state, bytes):  # grain's DataLoaderIterator serialises its state to JSON bytes
@@ -29,6 +40,39 @@ def _iterator_state_json(it: StatefulIterator) -> dict:
 
 def _restore_iterator(it: StatefulIterator, saved: dict) -> None:
     it.set_state(saved["__bytes__"].encode() if "__bytes__" in saved else saved)
+
+
+def _process_file(directory: epath.Path) -> epath.Path:
+    return epath.Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Orbax handler for per-process JSON: every process writes and reads its own file in the item folder."""
+
+    def save(self, directory: epath.Path, args: DataStateSave) -> None:
+        _process_file(directory).write_text(json.dumps(args.state))
+
+    def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> dict:
+        path = _process_file(directory)
+        if not path.exists():
+            found = sorted(p.name for p in epath.Path(directory).glob("process_*.json"))
+            raise DataStateMismatchError(
+                f"{path} does not exist (found {found}): this checkpoint's data-iterator states come from a "
+                f"different number of processes than the {jax.process_count()} running now; resume with the "
+                "same process count, or start a new workdir")
+        return json.loads(path.read_text())
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 class Checkpointer:
@@ -45,7 +89,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_iterator: StatefulIterator | None, config: dict) -> None:
         items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
         if data_iterator is not None:
-            items["data"] = ocp.args.JsonSave(_iterator_state_json(data_iterator))
+            items["data"] = DataStateSave(_iterator_state_json(data_iterator))
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore_latest(self, target_state: Any, data_iterator: StatefulIterator | None) -> tuple[Any, int] | None:
@@ -54,9 +98,11 @@ class Checkpointer:
         for step in sorted(self.manager.all_steps(), reverse=True):
             items = {"state": ocp.args.StandardRestore(abstract)}
             if data_iterator is not None:
-                items["data"] = ocp.args.JsonRestore()
+                items["data"] = DataStateRestore()
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            except DataStateMismatchError:
+                raise
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
                 logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one",
                                 step, self.directory, type(e).__name__, e)

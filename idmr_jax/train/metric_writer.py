@@ -1,13 +1,65 @@
-"""Metrics out: JSON lines, TensorBoard event files and a console progress bar, from process 0 only."""
+"""Metrics out: JSON lines, TensorBoard event files and a console progress bar, from process 0 only.
+
+The workdir may be local or on an object store (``gs://``): every file goes through ``etils.epath``. Object
+stores have no append, so there a file is held in memory and the whole object is replaced at each flush
+(metric files are small: one line per logging interval); locally, files are appended to as usual.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import time
 
 import jax
 import numpy as np
 from etils import epath
+
+
+def is_local(path: str | os.PathLike) -> bool:
+    """True for paths on the local filesystem, False for object-store URIs such as ``gs://bucket/x``."""
+    return "://" not in os.fspath(path)
+
+
+class ReplacingFile:
+    """A binary file on an object store that is rewritten whole at every flush (readers see each version).
+
+    With ``keep_existing`` the object's current content is kept in front (a resumed run continues the file).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, keep_existing: bool = False):
+        self.path = epath.Path(path)
+        self._buffer = io.BytesIO()
+        if keep_existing and self.path.exists():
+            self._buffer.write(self.path.read_bytes())
+
+    def write(self, data: bytes) -> int:
+        return self._buffer.write(data)
+
+    def flush(self) -> None:
+        self.path.write_bytes(self._buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EventFileFactory:
+    """tensorboardX writer factory: event files through epath instead of tensorboardX's own cloud clients."""
+
+    def open(self, path: str) -> ReplacingFile:
+        return ReplacingFile(path)
+
+    def directory_check(self, path: str) -> None:
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _route_event_files(workdir: epath.Path) -> None:
+    """Makes tensorboardX write event files under `workdir`'s URI scheme (e.g. ``gs``) through epath."""
+    if not is_local(workdir):
+        from tensorboardX import record_writer
+
+        record_writer.register_writer_factory(os.fspath(workdir).split("://", 1)[0], _EventFileFactory())
 
 
 class MetricWriter:
@@ -21,10 +73,14 @@ class MetricWriter:
             return
         workdir = epath.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (workdir / "metrics.jsonl").open("a")
+        jsonl = workdir / "metrics.jsonl"
+        self._jsonl = jsonl.open("ab") if is_local(jsonl) else ReplacingFile(jsonl, keep_existing=True)
         from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes summaries
 
-        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        _route_event_files(workdir)
+        # Event files are named by the second they were created; the start step keeps a run that resumes within
+        # the same second from replacing the previous run's file.
+        self._tb = SummaryWriter(os.fspath(workdir / "tensorboard"), filename_suffix=f".from_step_{initial_step}")
         if progress:
             from tqdm import tqdm
 
@@ -36,7 +92,7 @@ class MetricWriter:
             return
         scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
         record = {"step": step, "split": prefix, "time": time.time(), **scalars}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write((json.dumps(record) + "\n").encode())
         self._jsonl.flush()
         for k, v in scalars.items():
             # TensorBoard tag names allow [A-Za-z0-9_./-]: "R@1" becomes "R_at_1".

@@ -15,7 +15,7 @@ Flax side (a converted model)
     :func:`save_model` writes a directory::
 
         DIR/
-          model_config.json   {"format_version": 1, "kind": "blip2" | "vit" | "qformer",
+          model_config.json   {"format_version": 1, "kind": "blip2" | "vit" | "qformer" | "adafocal",
                                "config": {dataclass fields, nested dataclasses as objects}, ...}
           params/             Orbax StandardCheckpointer of the module's pure nnx.Param dict
                               (layer indices as string keys, in the module's own layout: stacked if scanned)
@@ -200,6 +200,9 @@ MODEL_KINDS: dict[str, tuple[str, str, str]] = {
     "blip2": ("idmr_jax.models.blip2", "Blip2Config", "Blip2"),
     "vit": ("idmr_jax.models.vit", "ViTConfig", "VisionTransformer"),
     "qformer": ("idmr_jax.models.qformer", "QFormerConfig", "QFormer"),
+    "adafocal": ("idmr_jax.models.adafocal", "AdaFocalConfig", "AdaFocal"),
+    "llava": ("idmr_jax.models.llava", "LlavaConfig", "LlavaEmbedder"),
+    "decoder_lm": ("idmr_jax.models.decoder_lm", "DecoderLMConfig", "DecoderLM"),
 }
 
 
@@ -256,11 +259,13 @@ def _from_json(tp, value):
     if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
         return config_from_dict(tp, value)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        for arg in typing.get_args(tp):
-            if arg is type(None):
-                continue
-            if dataclasses.is_dataclass(arg) and isinstance(value, Mapping):
-                return config_from_dict(arg, value)
+        classes = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if classes and isinstance(value, Mapping):
+            # e.g. VisionConfig = ViTConfig | EfficientNetEncoderConfig: the class whose fields hold every key.
+            for arg in classes:
+                if set(value) <= {f.name for f in dataclasses.fields(arg) if f.init}:
+                    return config_from_dict(arg, value)
+            return config_from_dict(classes[0], value)  # raises, naming the unknown fields
         return _from_json(Any, value)
     if isinstance(value, list):
         args = typing.get_args(tp)
@@ -325,7 +330,7 @@ def save_model(directory: PathLike, module_or_params, config, *, kind: str | Non
       directory: created if needed; must not already hold ``params``.
       module_or_params: an nnx.Module, an nnx.State, or a flat ``{"a/b": array}`` / nested dict of params.
       config: the module's config dataclass (written field by field).
-      kind: "blip2" | "vit" | "qformer"; inferred from the config class if not given.
+      kind: "blip2" | "vit" | "qformer" | "adafocal"; inferred from the config class if not given.
       extra: JSON-able provenance stored next to the config (e.g. source path and format).
     """
     directory = Path(directory).absolute()

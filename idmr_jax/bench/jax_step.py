@@ -1,0 +1,122 @@
+"""The JAX side of the step benchmarks: the trainer's own sharded train state and jitted, donated update.
+
+Nothing here re-implements the trainer: the state comes from `idmr_jax.train.state.create_train_state`, the step
+from `make_train_step` with the task's loss (`AdaFocalTask.loss_fn`), the optimiser from the config's recipe, and
+the batch from the synthetic source (`idmr_jax.data.fake`) placed on the mesh once, so a timing covers the
+update alone (the `input` suite measures the data side).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from idmr_jax import sharding as shd
+from idmr_jax.bench import configs
+from idmr_jax.data import fake
+from idmr_jax.train import optim
+from idmr_jax.train.state import batch_shardings, create_train_state, make_train_step, split_model
+from idmr_jax.train.trainer import global_batch
+
+# The optimiser schedule's length: only its shape matters for timing.
+_SCHEDULE_STEPS = 1000
+
+
+@dataclasses.dataclass
+class JaxStep:
+    """A ready-to-run train step; `run()` advances `state` by one update on the fixed `batch`."""
+
+    config: ml_collections.ConfigDict
+    task: Any
+    mesh: Any
+    rules: tuple
+    graphdef: Any
+    state: Any
+    step_fn: Any
+    batch: dict
+    local_batch: dict
+
+    def run(self):
+        with shd.axis_rules(self.mesh, self.rules):
+            self.state, metrics = self.step_fn(self.state, self.batch)
+        return metrics
+
+    def sync(self, metrics) -> None:
+        jax.block_until_ready((self.state.step, metrics))
+
+    def compile(self):
+        """Compiles the step ahead of time and runs that executable from now on (one compilation serves the
+        cost analysis and the timings). Returns the compiled executable."""
+        with shd.axis_rules(self.mesh, self.rules):
+            compiled = self.step_fn.lower(self.state, self.batch).compile()
+        self.step_fn = compiled
+        return compiled
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.config.data.batch_size)
+
+    def model(self) -> nnx.Module:
+        """The model with the current weights (a view on the state; do not keep it across `run` calls)."""
+        return nnx.merge(self.graphdef, self.state.params, self.state.frozen)
+
+    def param_counts(self) -> dict:
+        count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))  # noqa: E731
+        return {"trainable": count(self.state.params), "frozen": count(nnx.state(self.state.frozen, nnx.Param))}
+
+
+def build(config: ml_collections.ConfigDict, *, devices: int | None = None) -> JaxStep:
+    """The train state, the jitted step and one batch on the mesh for `config` (any AdaFocal config).
+
+    `devices`: use only the first n devices (a data-parallel mesh over them); default: the config's mesh.
+    """
+    task = configs.make_task(config)
+    if devices:
+        mesh = shd.make_mesh({"data": devices, "fsdp": 1, "model": 1}, devices=jax.devices()[:devices])
+    else:
+        mesh = shd.make_mesh(dict(config.sharding.mesh))
+    rules = tuple(tuple(r) for r in config.sharding.rules)
+    bs = int(config.data.batch_size)
+    if bs % mesh.size:
+        raise ValueError(f"batch size {bs} does not divide over {mesh.size} devices")
+    with shd.axis_rules(mesh, rules):
+        _, abstract_trainable, _ = split_model(nnx.eval_shape(task.build_model), task.frozen_patterns)
+        optimizer, schedules = optim.make_optimizer(config.optim, abstract_trainable, _SCHEDULE_STEPS)
+        rng = jax.random.key_data(jax.random.key(config.seed))
+        graphdef, state, state_sh = create_train_state(task.build_model, task.frozen_patterns,
+                                                       lambda _: optimizer, rng, mesh, rules)
+        local = next(fake.FakeIterator(task._fake_spec(), bs, jax.process_index(), jax.process_count()))
+        batch_sh = batch_shardings(mesh, rules, local)
+        step_fn = make_train_step(graphdef, task.bind_mesh(mesh), optimizer, schedules, state_sh, batch_sh)
+        batch = global_batch(local, batch_sh)
+    return JaxStep(config=config, task=task, mesh=mesh, rules=rules, graphdef=graphdef, state=state,
+                   step_fn=step_fn, batch=batch, local_batch=local)
+
+
+def describe(config: ml_collections.ConfigDict, step: JaxStep | None = None) -> dict:
+    """The model sizes a result refers to (ViT, Q-Former, CAAM, batch, dtypes)."""
+    mc = configs.model_config(config)
+    v, q = mc.blip2.vision, mc.blip2.qformer
+    vision = {"kind": type(v).__name__, "dtype": getattr(v, "dtype", "float32")}
+    if hasattr(v, "width"):
+        vision.update(width=v.width, depth=getattr(v, "depth", None), heads=getattr(v, "num_heads", None),
+                      mlp=getattr(v, "mlp_dim", None), patch=getattr(v, "patch_size", None),
+                      remat=getattr(v, "remat", None), scan=getattr(v, "scan", None))
+    out = {
+        "image_size": mc.image_size, "batch_size": int(config.data.batch_size),
+        "vision": vision, "frozen_vision": bool(config.model.freeze_vision),
+        "qformer": {"width": q.hidden_size, "layers": q.num_layers, "heads": q.num_heads,
+                    "mlp": q.intermediate_size, "cross_attention_freq": q.cross_attention_freq, "dtype": q.dtype,
+                    "dropout": q.hidden_dropout, "remat": q.remat},
+        "num_query_tokens": mc.blip2.num_query_tokens, "embed_dim": mc.blip2.embed_dim,
+        "text_len": int(config.data.max_text_len), "beta_mode": mc.beta_mode,
+    }
+    if step is not None:
+        out["params"] = step.param_counts()
+        out["devices"] = int(step.mesh.size)
+    return out

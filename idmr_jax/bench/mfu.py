@@ -1,0 +1,113 @@
+"""``mfu``: model FLOPs utilisation of the train step against the machine's measured matmul peak.
+
+    python -m idmr_jax.bench mfu --config=cpu_mid [--reps=10] [--out=F.json]
+    python -m idmr_jax.bench mfu --config=vitg --dtype=bfloat16                  # on an accelerator
+
+* model FLOPs per step: counted analytically from the config (:mod:`idmr_jax.bench.flops`, matmuls only) and
+  cross-checked against XLA's cost analysis of the compiled step (which also counts elementwise work);
+* attainable peak: the best median FLOP/s of a large square jitted matmul at the model's compute dtype, measured
+  in the same run (several sizes; the largest that fits the time budget wins on most machines);
+* ``utilisation = (model FLOPs / median step time) / measured peak``; on an accelerator also against the
+  vendor's dense bf16 peak (``vendor_peak_flops``), the number MaxText-style MFU tables use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from idmr_jax.bench import common
+
+# Dense bf16 peak FLOP/s per chip (vendor data sheets), matched on jax's device_kind.
+VENDOR_PEAK_BF16 = (
+    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
+    ("TPU v4", 275e12), ("TPU v3", 123e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
+    ("L4", 121e12), ("A10", 125e12),
+)
+
+
+def vendor_peak(device_kind: str) -> float | None:
+    """The vendor's dense bf16 peak FLOP/s for a jax ``device_kind`` string, or None if unknown."""
+    for key, value in VENDOR_PEAK_BF16:
+        if key.lower() in device_kind.lower():
+            return value
+    return None
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="cpu_mid", help="preset (tiny, cpu_mid, vitg) or configs/oacir.py:ARGS")
+    p.add_argument("--dtype", default=None, help="compute dtype of the ViT and the Q-Former, e.g. bfloat16")
+    p.add_argument("--devices", type=int, default=None, help="use the first N devices (default: the config's mesh)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--baseline", action="store_true", help="the standard CIR baseline (no CAAM)")
+    p.add_argument("--peak-sizes", default=None,
+                   help="matmul sizes for the peak (default: 1024,2048 on CPU, 4096,8192 on accelerators)")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+
+
+def matmul_peak(sizes, dtype: str, *, reps: int, warmup: int) -> dict:
+    """Median FLOP/s of an ``n x n @ n x n`` jitted matmul for each n; ``best`` is the attainable peak."""
+    import jax
+    import jax.numpy as jnp
+
+    rows = []
+    for n in sizes:
+        ka, kb = jax.random.split(jax.random.key(n))
+        a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+        b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+        f = jax.jit(lambda x, y: x @ y)
+        s = common.summarize(common.time_calls(lambda: f(a, b), warmup=warmup, reps=reps,
+                                               sync=jax.block_until_ready))
+        rows.append({"n": n, "flops_per_s": 2 * n ** 3 / s["median_s"], **s})
+    return {"dtype": dtype, "sizes": rows, "best_flops_per_s": max(r["flops_per_s"] for r in rows)}
+
+
+def _xla_flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def run(args: argparse.Namespace) -> dict:
+    import jax
+
+    from idmr_jax.bench import configs, flops, jax_step
+
+    config = configs.load(args.config, dtype=args.dtype, batch_size=args.batch_size,
+                          device_count=args.devices or jax.device_count())
+    if args.baseline:
+        config.model.beta_mode = "none"
+    result = {"suite": "mfu", "config": args.config, "machine": common.machine_info()}
+    js = jax_step.build(config, devices=args.devices)
+    result["model"] = jax_step.describe(config, js)
+    mc = configs.model_config(config)
+    analytic = flops.train_step_flops(mc, js.batch_size, int(config.data.max_text_len),
+                                      frozen_vision=bool(config.model.freeze_vision))
+    # The compiled program is the per-device (SPMD-partitioned) one: its count is per device.
+    t0 = time.perf_counter()
+    xla = _xla_flops(js.compile())
+    result["compile_s"] = time.perf_counter() - t0
+    result["flops"] = {"analytic": analytic, "xla_cost_analysis_per_device": xla,
+                       "xla_over_analytic": xla * js.mesh.size / analytic["total"] if xla else None}
+
+    times = common.time_calls(js.run, warmup=args.warmup, reps=args.reps, sync=js.sync)
+    step = common.summarize(times)
+    step["examples_per_s"] = js.batch_size / step["median_s"]
+    result["step"] = step
+
+    cpu = jax.default_backend() == "cpu"
+    sizes = common.parse_ints(args.peak_sizes) if args.peak_sizes else ([1024, 2048] if cpu else [4096, 8192])
+    dtype = str(mc.blip2.vision.dtype) if hasattr(mc.blip2.vision, "dtype") else "float32"
+    peak = matmul_peak(sizes, dtype, reps=args.reps, warmup=args.warmup)
+    result["peak"] = peak
+    achieved = analytic["total"] / step["median_s"] / js.mesh.size  # per device, as the peak
+    result["achieved_flops_per_s_per_device"] = achieved
+    result["utilisation"] = achieved / peak["best_flops_per_s"]
+    if xla:
+        result["utilisation_xla_flops"] = xla / step["median_s"] / peak["best_flops_per_s"]
+    vp = None if cpu else vendor_peak(jax.devices()[0].device_kind)
+    result["vendor_peak_flops"] = vp
+    result["utilisation_vs_vendor_peak"] = achieved / vp if vp else None
+    return result

@@ -1,0 +1,101 @@
+"""``train_step``: examples/s and step time of one jitted AdaFocal update (forward, backward, optimiser).
+
+    python -m idmr_jax.bench train_step --config=cpu_mid [--compare=torch] [--reps=10] [--warmup=2] [--out=F.json]
+    python -m idmr_jax.bench train_step --config=vitg --dtype=bfloat16          # on an accelerator
+
+``--compare=torch`` switches the JAX side to the standard CIR baseline (no CAAM: what transformers can express)
+and runs, in the same process on the same shapes, batch and weights, the PyTorch step of
+:mod:`idmr_jax.bench.torch_baseline` (CPU, float32, the same thread count). The two sides alternate step by step
+after their warm-ups, so a load change on a shared machine hits both. Reports each side's median step time and
+spread, examples/s and ``ratio = jax_examples_per_s / torch_examples_per_s``, plus the loss of both sides on the
+same weights with dropout off (``parity``), which shows they compute the same function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+from idmr_jax.bench import common
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="cpu_mid", help="preset (tiny, cpu_mid, demo, vitg) or configs/oacir.py:ARGS")
+    p.add_argument("--dtype", default=None, help="compute dtype of the ViT and the Q-Former, e.g. bfloat16")
+    p.add_argument("--devices", type=int, default=None, help="use the first N devices (default: the config's mesh)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: the preset's)")
+    p.add_argument("--compare", choices=["none", "torch"], default="none")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, as XLA uses)")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+
+
+def _side(times, batch_size) -> dict:
+    s = common.summarize(times)
+    s["examples_per_s"] = batch_size / s["median_s"]
+    return s
+
+
+def run(args: argparse.Namespace) -> dict:
+    import jax
+
+    from idmr_jax.bench import configs, jax_step
+
+    config = configs.load(args.config, dtype=args.dtype, batch_size=args.batch_size,
+                          device_count=args.devices or jax.device_count())
+    compare = args.compare == "torch"
+    if compare:
+        if jax.default_backend() != "cpu":
+            raise SystemExit("--compare=torch runs the PyTorch CPU build side by side with JAX on CPU; "
+                             f"this JAX runs on {jax.default_backend()}")
+        config.model.beta_mode = "none"  # the standard CIR baseline: what transformers' BLIP-2 can express
+    result = {"suite": "train_step", "config": args.config, "machine": common.machine_info()}
+
+    t0 = time.perf_counter()
+    js = jax_step.build(config, devices=args.devices)
+    result["build_s"] = time.perf_counter() - t0
+    result["model"] = jax_step.describe(config, js)
+    bs = js.batch_size
+
+    ts = None
+    if compare:
+        import torch
+
+        from idmr_jax.bench import torch_baseline
+
+        threads = args.threads or os.cpu_count()
+        ts = torch_baseline.from_jax(js, threads=threads)
+        tbatch = ts.batch(js.local_batch)
+        result["parity"] = torch_baseline.parity(js, ts)
+        result["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads(),
+                           "attn_implementation": ts.attn_implementation, "optimizer": ts.optimizer_impl,
+                           "trainable_params": ts.num_trainable()}
+
+    t0 = time.perf_counter()
+    js.compile()
+    result["compile_s"] = time.perf_counter() - t0
+    for _ in range(max(args.warmup, 1)):  # at least one: the first run of a program also initialises it
+        js.sync(js.run())
+        if ts is not None:
+            ts.step(tbatch)
+
+    jax_times, torch_times, jax_loss, torch_loss = [], [], None, None
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        metrics = js.run()
+        js.sync(metrics)
+        jax_times.append(time.perf_counter() - t0)
+        if ts is not None:
+            t0 = time.perf_counter()
+            torch_loss = ts.step(tbatch)
+            torch_times.append(time.perf_counter() - t0)
+    jax_loss = float(metrics["loss"])
+
+    result["jax"] = {**_side(jax_times, bs), "last_loss": jax_loss}
+    if ts is not None:
+        result["torch"].update(_side(torch_times, bs), last_loss=torch_loss)
+        result["ratio"] = result["jax"]["examples_per_s"] / result["torch"]["examples_per_s"]
+        result["paired_ratio_median"] = statistics.median(t / j for j, t in zip(jax_times, torch_times))
+    return result

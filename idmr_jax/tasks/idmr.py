@@ -1,0 +1,248 @@
+"""The IDMR task (and its LamRA / InstructCIR variants): a LLaVA-style embedder trained with global InfoNCE.
+
+    query     = LlavaEmbedder(crop image + instruction with the caption)      -> [B, D], L2-normalised
+    candidate = LlavaEmbedder(full image + "Represent the given image.")     -> [B, D]
+    loss      = InfoNCE(query -> candidates of the whole global batch (+ hard-negative columns)) / temperature
+
+With ``config.loss.gradcache_chunk > 0`` every encoder call goes through GradCache
+(:mod:`idmr_jax.losses.gradcache`), so the global batch's activations never coexist: IDMR's 64 rows per device
+in chunks of 8. The trainer (`idmr_jax.train.trainer`) is the one AdaFocal uses; this class only supplies the
+model, the loss, the data and the evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from idmr_jax.losses import gradcache
+from idmr_jax.losses.contrastive import BATCH_AXES, global_infonce
+from idmr_jax.models import lora as lora_lib
+from idmr_jax.models.decoder_lm import DecoderLMConfig
+from idmr_jax.models.efficientnet import EfficientNetEncoderConfig
+from idmr_jax.models import pooling
+from idmr_jax.models.llava import LlavaConfig, LlavaEmbedder, splice_image_features
+from idmr_jax.models.vision import vision_grid
+from idmr_jax.models.vit import vit_config
+from idmr_jax.sharding import constrain
+from idmr_jax.train.state import frozen_filter
+
+BATCH_KEYS = ("query", "cand", "hn")
+
+
+def lora_config(m: ml_collections.ConfigDict) -> lora_lib.LoRAConfig | None:
+    lc = m.get("lora")
+    if not lc or not lc.rank:
+        return None
+    return lora_lib.LoRAConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, targets=tuple(lc.targets))
+
+
+def model_config(m: ml_collections.ConfigDict) -> LlavaConfig:
+    """LlavaConfig from ``config.model`` (sizes in the config, or those of ``init.path``'s config.json)."""
+    v, t = m.vision, m.text
+    lora = lora_config(m)
+    if m.init.format == "hf_llava":
+        import dataclasses
+
+        from idmr_jax.weights import io, llava_names
+
+        cfg = llava_names.llava_config_from_hf(io.read_hf_config(m.init.path))
+        text = dataclasses.replace(cfg.text, dtype=t.dtype, param_dtype=t.param_dtype, remat=t.remat, scan=t.scan,
+                                   lora=lora)
+        vision = dataclasses.replace(cfg.vision, dtype=v.dtype)
+        return dataclasses.replace(cfg, vision=vision, text=text, pooling=m.pooling,
+                                   pooling_token_id=m.get("pooling_token_id"))
+    if v.kind == "efficientnet":
+        vision, layer = EfficientNetEncoderConfig(feature_stride=v.feature_stride), None
+    else:
+        vision = vit_config(v.variant, image_size=v.image_size, dtype=v.dtype, remat=v.remat, scan=v.scan)
+        layer = m.vision_feature_layer
+    text = DecoderLMConfig(
+        family=t.family, vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, rope_theta=t.rope_theta,
+        rms_norm_eps=t.rms_norm_eps, max_position_embeddings=t.max_position_embeddings,
+        tie_word_embeddings=t.tie_word_embeddings, dtype=t.dtype, param_dtype=t.param_dtype, remat=t.remat,
+        scan=t.scan, lora=lora, initializer_range=t.initializer_range)
+    return LlavaConfig(vision=vision, text=text, image_token_id=m.image_token_id, vision_feature_layer=layer,
+                       vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                       pooling=m.pooling, pooling_token_id=m.get("pooling_token_id"), normalize=True)
+
+
+def frozen_patterns(m: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """LoRA: everything but the adapters (and the projector if ``train_projector``). Else the vision tower."""
+    if lora_config(m) is not None:
+        return lora_lib.frozen_patterns(extra_trainable=[r"^projector/"] if m.train_projector else [])
+    frozen = [r"^vision/"] if m.freeze_vision else []
+    if not m.train_projector:
+        frozen.append(r"^projector/")
+    return tuple(frozen)
+
+
+def embed_from_features(model: LlavaEmbedder, features: jax.Array, ids: jax.Array, mask: jax.Array, *,
+                        deterministic: bool = True) -> jax.Array:
+    """``model.embed`` from precomputed ``model.vision_features(pixels)`` (the same steps after the vision tower)."""
+    cfg = model.cfg
+    image = constrain(model.projector(features), ("batch", "length", "embed"))
+    embeds = splice_image_features(model.lm.embed(ids), ids, cfg.image_token_id, image)
+    hidden = model.lm(inputs_embeds=embeds, attention_mask=mask, deterministic=deterministic)
+    return pooling.pool(hidden, mask, ids, method=cfg.pooling, token_id=cfg.pooling_token_id,
+                        normalize=cfg.normalize)
+
+
+def _encode(model: LlavaEmbedder, x: dict, key) -> jax.Array:
+    """One (chunk of a) batch through the embedder; dropout (LoRA's) seeded by `key`. With ``x["vision"]`` (the
+    frozen tower's features, computed once outside GradCache) the vision tower is skipped."""
+    if key is not None:
+        nnx.reseed(model, dropout=key, policy="match_shape")
+    if "vision" in x:
+        return embed_from_features(model, x["vision"], x["ids"], x["mask"], deterministic=key is None)
+    return model.embed(x["ids"], x["mask"], x["pixels"], deterministic=key is None)
+
+
+def frozen_vision_features(model: LlavaEmbedder, pixels: jax.Array, num_chunks: int) -> jax.Array:
+    """The frozen tower's features, in GradCache's chunks (bounded activation memory), without gradient."""
+    if num_chunks <= 1:
+        return jax.lax.stop_gradient(model.vision_features(pixels))
+    feats = jax.lax.map(model.vision_features, gradcache.to_chunks(pixels, num_chunks))
+    return jax.lax.stop_gradient(gradcache.from_chunks(feats))
+
+
+class IdmrTask:
+    """What the trainer needs for an MLLM embedder; see :class:`idmr_jax.train.trainer.Task`."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        if config.data.source == "demo":
+            from idmr_jax.data import idmr_demo
+
+            idmr_demo.prepare(config)  # builds/reuses the demo triplets and points config.data at them
+        self.model_config = model_config(config.model)
+        self.frozen_patterns = frozen_patterns(config.model)
+        grid = vision_grid(self.model_config.vision, config.data.image_size)
+        self.image_tokens = self.model_config.image_tokens(grid)
+        trainable = nnx.state(nnx.eval_shape(self.build_model), self._trainable())
+        # A frozen tower is run once per step outside GradCache (its features become the cached inputs), instead
+        # of in both GradCache passes.
+        self.vision_frozen = not any(str(path[0]) == "vision" for path, _ in nnx.to_flat_state(trainable))
+
+    # ------------------------------------------------------------------ model
+    def build_model(self) -> LlavaEmbedder:
+        seed = self.config.seed
+        return LlavaEmbedder(self.model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+    def load_pretrained(self, state, mesh):
+        """Packaged EfficientNet weights for the demo's vision tower; a transformers LLaVA with ``hf_llava``."""
+        from idmr_jax.tasks.pretrained import write_into_state
+
+        flat = {}
+        if isinstance(self.model_config.vision, EfficientNetEncoderConfig):
+            from idmr_jax.weights.efficientnet_names import checkpoint_flat, pretrained_efficientnet_lite0
+
+            encoder = pretrained_efficientnet_lite0(self.model_config.vision)
+            flat.update({f"vision/{k}": np.asarray(v) for k, v in checkpoint_flat(encoder).items()})
+        init = self.config.model.init
+        if init.format == "hf_llava":
+            from idmr_jax.weights import io
+            from idmr_jax.weights.llava_convert import convert_state_dict
+
+            converted, _ = convert_state_dict(io.load_torch_state_dict(init.path, float_dtype=np.float32),
+                                              self.model_config, source=init.path)
+            flat.update(converted)
+        elif init.format:
+            raise ValueError(f"unknown config.model.init.format {init.format!r}; use hf_llava or ''")
+        if not flat:
+            return state
+        state, loaded = write_into_state(state, flat, source=init.format or "packaged weights")
+        print(f"initialised {len(loaded)} tensors from {init.format or 'packaged'} weights")
+        return state
+
+    # ------------------------------------------------------------------ loss
+    def _trainable(self):
+        return nnx.All(nnx.Param, nnx.Not(frozen_filter(self.frozen_patterns)))
+
+    def loss_fn(self, model: LlavaEmbedder, batch: dict, rng: jax.Array, *, mesh) -> tuple[jax.Array, dict]:
+        """InfoNCE of queries against the global batch's candidates (+ hard negatives), optionally via GradCache."""
+        lc = self.config.loss
+        chunk = int(lc.gradcache_chunk)
+        keys = dict(zip(BATCH_KEYS, jax.random.split(rng, len(BATCH_KEYS))))
+
+        def encode(prefix: str) -> jax.Array:
+            x = {"pixels": batch[f"{prefix}_pixels"], "ids": batch[f"{prefix}_ids"], "mask": batch[f"{prefix}_mask"]}
+            lead = x["ids"].shape[:-1]
+            x = jax.tree.map(lambda a: a.reshape(-1, *a.shape[len(lead):]), x)  # hard negatives: [B*Nh, ...]
+            size = gradcache.global_chunk_size(chunk, mesh, BATCH_AXES) if chunk > 0 else 0
+            if self.vision_frozen:
+                n = x["ids"].shape[0] // size if size else 1
+                x["vision"] = frozen_vision_features(model, x.pop("pixels"), n)
+            if chunk > 0:
+                out = gradcache.nnx_cached_encode(model, _encode, x, keys[prefix], chunk_size=size,
+                                                  trainable=self._trainable())
+            else:
+                out = _encode(model, x, keys[prefix])
+            return out.astype(jnp.float32).reshape(*lead, -1)
+
+        query, cand = encode("query"), encode("cand")
+        hn = encode("hn") if "hn_ids" in batch else None
+        loss = global_infonce(query, cand, lc.temperature, mesh=mesh, hard_negatives=hn, direction=lc.direction,
+                              label_smoothing=lc.label_smoothing, chunked=lc.chunked)
+        pos = jnp.sum(query * cand, axis=-1).mean()
+        return loss, {"temperature": jnp.float32(lc.temperature), "pos_cosine": pos}
+
+    def bind_mesh(self, mesh):
+        return functools.partial(self.loss_fn, mesh=mesh)
+
+    # ------------------------------------------------------------------ data
+    def prompt_spec(self, side: str = "query"):
+        """Token layout of query (``data.max_len``) or candidate (``data.candidate_max_len``, 0 = same) prompts."""
+        from idmr_jax.data.idmr_pipeline import PromptSpec
+
+        d = self.config.data
+        opt = lambda v: None if v is None or v < 0 else int(v)  # noqa: E731
+        length = d.max_len if side == "query" or not d.get("candidate_max_len") else d.candidate_max_len
+        spec = PromptSpec(image_token_id=self.model_config.image_token_id, image_tokens=self.image_tokens,
+                          max_length=length, padding_side=d.padding_side, bos_id=opt(d.bos_id),
+                          eos_id=opt(d.eos_id), pad_id=d.pad_id)
+        vocab = self.model_config.text.vocab_size
+        for name in ("image_token_id", "bos_id", "eos_id", "pad_id"):
+            value = getattr(spec, name)
+            if value is not None and not 0 <= value < vocab:
+                # An out-of-range id would silently embed as NaN / garbage under jit.
+                raise ValueError(f"prompt {name}={value} is outside the LM vocabulary ({vocab}); fix config.data / "
+                                 "config.model.image_token_id")
+        return spec
+
+    def fake_spec(self):
+        from idmr_jax.data.idmr_fake import FakeTripletSpec
+
+        d = self.config.data
+        return FakeTripletSpec(prompt=self.prompt_spec("query"), image_size=d.image_size, instances=d.fake_instances,
+                               scenes=d.fake_scenes, scenes_per_instance=d.fake_scenes_per_instance,
+                               vocab_size=self.model_config.text.vocab_size,
+                               num_hard_negatives=d.num_hard_negatives, seed=d.shuffle_seed)
+
+    def train_iterator(self):
+        d = self.config.data
+        if d.source == "fake":
+            from idmr_jax.data.idmr_fake import FakeTripletIterator
+
+            return FakeTripletIterator(self.fake_spec(), d.batch_size, jax.process_index(), jax.process_count())
+        if d.num_hard_negatives:
+            raise ValueError("hard negatives are produced by the fake source only; set data.num_hard_negatives=0")
+        from idmr_jax.data import idmr_pipeline
+
+        return idmr_pipeline.train_iterator(self.config, self.prompt_spec("query"), self.prompt_spec("candidate"),
+                                            d.image_size)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, model: LlavaEmbedder, workdir: epath.Path, step: int) -> dict:
+        """Instance retrieval R@K / R_ID@K; writes WORKDIR/eval/metrics.json and rankings.jsonl."""
+        from idmr_jax.evaluation import idmr_eval
+
+        return idmr_eval.evaluate(self, model, epath.Path(workdir))

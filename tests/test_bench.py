@@ -1,0 +1,112 @@
+"""The benchmark harness (`python -m idmr_jax.bench`): every suite runs at tiny sizes and writes its JSON, and
+the numbers the suites rest on are checked against independent references (the PyTorch baseline computes the
+same loss as the JAX step; the analytic FLOPs match XLA's count; the top-k agrees with NumPy; the chunked
+loss's memory stays flat)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from idmr_jax.bench import flops
+from idmr_jax.bench.__main__ import main
+from idmr_jax.models.qformer import QFormer, QFormerConfig
+from idmr_jax.models.vit import VisionTransformer, vit_config
+
+
+def _run(tmp_path, suite, *flags):
+    out = tmp_path / f"{suite}.json"
+    result = main([suite, f"--out={out}", *flags])
+    assert json.loads(out.read_text())["suite"] == suite
+    return result
+
+
+@pytest.fixture(scope="module")
+def train_step_json(tmp_path_factory):
+    """One tiny side-by-side run, shared by the train_step and input checks (compiling a step dominates)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    result = _run(tmp, "train_step", "--config=tiny,baseline", "--devices=1", "--compare=torch", "--reps=2",
+                  "--warmup=1")
+    return tmp / "train_step.json", result
+
+
+def test_train_step_against_the_torch_baseline(train_step_json):
+    _, r = train_step_json
+    # Same weights, same batch, dropout off: both sides compute the same loss, so their timings compare.
+    assert r["parity"]["abs_diff"] <= 1e-4, r["parity"]
+    assert r["model"]["params"]["trainable"] == r["torch"]["trainable_params"]
+    assert r["model"]["beta_mode"] == "none"
+    assert r["ratio"] == pytest.approx(r["jax"]["examples_per_s"] / r["torch"]["examples_per_s"])
+    for side in ("jax", "torch"):
+        assert r[side]["reps"] == 2 and r[side]["min_s"] <= r[side]["median_s"] <= r[side]["max_s"]
+        assert np.isfinite(r[side]["last_loss"])
+
+
+def test_mfu_suite(tmp_path):
+    r = _run(tmp_path, "mfu", "--config=tiny", "--devices=1", "--baseline", "--reps=2", "--warmup=1",
+             "--peak-sizes=128,256")
+    # XLA also counts elementwise work and the optimiser: a little above the matmul-only model FLOPs.
+    assert 1.0 <= r["flops"]["xla_over_analytic"] <= 1.5
+    assert r["peak"]["best_flops_per_s"] == max(s["flops_per_s"] for s in r["peak"]["sizes"])
+    assert r["utilisation"] == pytest.approx(
+        r["flops"]["analytic"]["total"] / r["step"]["median_s"] / r["peak"]["best_flops_per_s"])
+
+
+def _xla_flops(fn, *args):
+    cost = jax.jit(fn).lower(*args).cost_analysis()  # XLA's count on the unoptimised program: no compilation
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def test_analytic_flops_match_xla_on_the_matmul_heavy_parts():
+    """At the mid-size widths the matmuls dominate, so XLA's count (which adds elementwise work) is within a few
+    percent of the analytic matmul count, and never below it."""
+    cfg = vit_config("eva-g/14", width=256, depth=1, num_heads=4, mlp_dim=1024)
+    vit = VisionTransformer(cfg, rngs=nnx.Rngs(0))
+    pixels = jnp.zeros((1, 224, 224, 3))
+    got = _xla_flops(lambda x: vit(x).tokens, pixels)
+    want = flops.vit_forward(cfg, 224)
+    assert want <= got <= 1.05 * want
+
+    qcfg = QFormerConfig(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=1024, encoder_hidden_size=256,
+                         vocab_size=100, max_position_embeddings=64)
+    qf = QFormer(qcfg, rngs=nnx.Rngs(0))
+    queries, ids, image = jnp.zeros((1, 32, 256)), jnp.ones((1, 32), jnp.int32), jnp.zeros((1, 257, 256))
+    got = _xla_flops(lambda q, i, im: qf(q, i, None, im).last_hidden_state, queries, ids, image)
+    want = flops.qformer_forward(qcfg, 32, 32, 257)
+    assert want <= got <= 1.08 * want
+
+
+def test_retrieval_suite_agrees_with_numpy(tmp_path):
+    r = _run(tmp_path, "retrieval", "--sizes=300,1000", "--queries=24", "--k=7", "--tokens=4", "--dim=16",
+             "--chunk=128", "--query-chunk=10", "--numpy-ref-max=1000", "--reps=2")
+    assert [row["n"] for row in r["sizes"]] == [300, 1000]
+    for row in r["sizes"]:
+        assert row["numpy_blas"]["agree"] == 1.0 and row["numpy_reference"]["agree"] == 1.0
+        assert row["jax"]["peak_memory_bytes"] > row["gallery_bytes"]
+
+
+def test_retrieval_suite_sharded(tmp_path):
+    r = _run(tmp_path, "retrieval", "--sizes=500", "--queries=8", "--k=5", "--tokens=4", "--dim=8", "--chunk=16",
+             "--query-chunk=0", "--numpy-ref-max=0", "--reps=1", "--shard", "--dtype=float32")
+    assert r["setup"]["sharded_over"] == 8 and r["sizes"][0]["n"] == 504  # padded to whole shards
+    assert r["sizes"][0]["numpy_blas"]["agree"] == 1.0
+
+
+def test_input_suite(tmp_path, train_step_json):
+    path, step = train_step_json
+    r = _run(tmp_path, "input", "--workers=0", "--step-config=tiny,baseline", f"--step-json={path}",
+             "--demo-size=tiny", f"--demo-cache={tmp_path / 'demo'}", "--examples=16")
+    (row,) = r["pipeline"]["results"]
+    assert row["num_workers"] == 0 and row["examples"] >= 16 and row["examples_per_s"] > 0
+    assert r["train_step"]["examples_per_s"] == step["jax"]["examples_per_s"]
+    assert r["headroom"]["0"] == pytest.approx(row["examples_per_s"] / r["train_step"]["examples_per_s"])
+
+
+def test_loss_memory_suite_chunked_stays_flat(tmp_path):
+    r = _run(tmp_path, "loss_memory", "--devices=2,4,8", "--per-device-batch=4", "--tokens=4", "--dim=8")
+    gathered, chunked = r["temp_bytes"]["gathered"], r["temp_bytes"]["chunked"]
+    assert gathered["8"] > 1.5 * gathered["4"] and gathered["4"] > 1.5 * gathered["2"]
+    assert chunked["8"] == chunked["4"]

@@ -14,7 +14,8 @@ The argument after ':' is a comma-separated list of keywords:
 
   lamra                 LamRA's loss settings: temperature 0.05, LoRA r=64 alpha 128
   instructcir           InstructCIR's: temperature 0.05, full LM tuning (no LoRA), vision frozen
-  fsdp=N                shard params ("embed"/"mlp"/"vision_embed") over an fsdp mesh axis of N devices
+  fsdp=N                an fsdp mesh axis of N devices, data parallel over the rest (default: fsdp over all
+                        devices for the full recipe, data parallel for tiny / demo)
   tiny                  tiny random model on synthetic triplets (tests, smoke runs)
   fake                  synthetic in-memory triplets of the right shapes
   demo                  the laptop demo (small random LM + packaged EfficientNet-Lite0 on the demo photos)
@@ -128,9 +129,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.max_queries = 0
 
     # ---------------------------------------------------------------- sharding
+    # FSDP for the full recipe: the batch shards over (data, fsdp) and the params' "embed" / "vision_embed" (in
+    # DEFAULT_RULES) and "mlp" (here) dimensions over fsdp, so a 7B LM's params and optimiser state are split 8 ways.
     s = c.sharding = ml_collections.ConfigDict()
-    s.mesh = dict(data=-1, fsdp=1, model=1)
-    s.rules = [list(r) for r in sharding.DEFAULT_RULES]
+    s.mesh = dict(data=1, fsdp=-1, model=1)
+    s.rules = [[k, "fsdp" if k == "mlp" else v] for k, v in (list(r) for r in sharding.DEFAULT_RULES)]
 
     if "lamra" in args:
         c.loss.temperature = 0.05
@@ -139,16 +142,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.loss.temperature = 0.05
         m.lora.rank = 0
         m.freeze_vision, m.train_projector = True, False
-    if "fsdp" in args:
-        # FSDP: "embed" / "vision_embed" already map to the fsdp axis in DEFAULT_RULES; "mlp" joins them here.
-        s.mesh = dict(data=-1, fsdp=int(args["fsdp"]), model=1)
-        s.rules = [[k, "fsdp" if k == "mlp" else v] for k, v in s.rules]
     if tiny or "fake" in args:
         d.source = "fake"
     if tiny:
         _tiny_overrides(c)
     if "demo" in args:
         _demo_overrides(c)
+    if tiny or "demo" in args:
+        s.mesh = dict(data=-1, fsdp=1, model=1)  # data parallel: small models, any device count
+    if "fsdp" in args:
+        s.mesh = dict(data=-1, fsdp=int(args["fsdp"]), model=1)
     return c
 
 

@@ -561,6 +561,8 @@ def _export_jax_serving(source, src, out, *, platforms: Sequence[str] | None) ->
     from idmr_jax.weights import workdir
 
     _require_adafocal(source, src, "jax_serving")
+    if unknown := sorted(set(platforms or ()) - set(serving_export.PLATFORMS)):
+        raise ConvertError(f"--platforms: unknown {unknown}; use some of {', '.join(serving_export.PLATFORMS)}")
     module = workdir.load_module(source.kind, source.model_config, source.flat, source=str(src))
     return serving_export.export(module, out, platforms=platforms, provenance=source.provenance,
                                  max_text_len=source.max_text_len)

@@ -44,3 +44,17 @@ def initialize(config=None, *, coordinator_address: str | None = None, num_proce
         jax.distributed.initialize(**kwargs)
     logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.default_backend())
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Blocks until every process reaches the barrier `name`; a no-op with one process.
+
+    It waits through the coordination service, with its own long timeout, not through collectives. That matters
+    before a device group's first collective on CPU: gloo gives the peers only 30 s to show up, so processes whose
+    compile times differ (a program read from the persistent cache on one host only, a busy machine) must be
+    lined up first.
+    """
+    if jax.process_count() > 1:
+        import orbax.checkpoint as ocp
+
+        ocp.multihost.get_barrier_sync_fn()(key=f"idmr_{name}", timeout_ms=timeout_s * 1000)

@@ -30,7 +30,8 @@ argument is the list of params), ``params.npz`` (one array per param, in the ord
 ``params``; bfloat16 stored as its uint16 bits) and ``serving.json``. Params are an argument rather than
 constants baked into the programs because a ViT-g model (about 4 GB in float32) exceeds the 2 GB limit of a
 serialized ``jax.export`` module, and because both functions then share one copy on the device.
-Local paths only (copy a ``gs://`` artifact down first).
+Local paths only (copy a ``gs://`` artifact down first). ``jax.export`` deserialisation needs the
+``flatbuffers`` package.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ in ``params.npz``; see :mod:`idmr_jax.serving` for the inputs, outputs and the r
 
 from __future__ import annotations
 
-import io as _io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from idmr_jax.data.image_ops import CLIP_MEAN, CLIP_STD
 from idmr_jax.models import adafocal
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export's platform names
 
 
 def _path_name(path) -> str:
@@ -61,7 +61,7 @@ def embedding_functions(model: adafocal.AdaFocal):
     return leaves, names, query, target
 
 
-def _spec(shape, dtype) -> list:
+def _spec(shape, dtype) -> tuple[list, str]:
     return [d if isinstance(d, int) else str(d) for d in shape], np.dtype(dtype).name
 
 
@@ -78,6 +78,8 @@ def export(model: adafocal.AdaFocal, out, *, platforms: Sequence[str] | None = N
     """
     cfg = model.cfg
     platforms = tuple(platforms or DEFAULT_PLATFORMS)
+    if unknown := sorted(set(platforms) - set(PLATFORMS)):
+        raise ValueError(f"unknown platforms {unknown}; jax.export knows {list(PLATFORMS)}")
     out = epath.Path(out)
     if (out / serving.METADATA_FILE).exists():
         raise FileExistsError(f"{out / serving.METADATA_FILE} already exists; choose an empty output directory")
@@ -114,9 +116,8 @@ def export(model: adafocal.AdaFocal, out, *, platforms: Sequence[str] | None = N
         dtype = a.dtype.name
         arrays[key] = a.view(np.uint16) if dtype == "bfloat16" else a
         params_meta.append({"name": name, "key": key, "shape": list(a.shape), "dtype": dtype})
-    buf = _io.BytesIO()
-    np.savez(buf, **arrays)
-    (out / "params.npz").write_bytes(buf.getvalue())
+    with (out / "params.npz").open("wb") as f:  # streamed: a ViT-g model is ~4 GB
+        np.savez(f, **arrays)
 
     functions = {
         "query": {"file": "query.jaxexport", "call": "query_fn(pixels, input_ids, attention_mask, box, has_box)",

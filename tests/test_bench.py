@@ -45,8 +45,9 @@ def test_train_step_against_the_torch_baseline(train_step_json):
         assert np.isfinite(r[side]["last_loss"])
 
 
-def test_mfu_suite(tmp_path):
-    r = _run(tmp_path, "mfu", "--config=tiny", "--devices=1", "--baseline", "--reps=2", "--warmup=1",
+def test_mfu_suite(tmp_path, train_step_json):
+    # The same config as the train_step run: this process reuses its built and compiled step.
+    r = _run(tmp_path, "mfu", "--config=tiny,baseline", "--devices=1", "--reps=2", "--warmup=1",
              "--peak-sizes=128,256")
     # XLA also counts elementwise work and the optimiser: a little above the matmul-only model FLOPs.
     assert 1.0 <= r["flops"]["xla_over_analytic"] <= 1.5
@@ -55,34 +56,37 @@ def test_mfu_suite(tmp_path):
         r["flops"]["analytic"]["total"] / r["step"]["median_s"] / r["peak"]["best_flops_per_s"])
 
 
-def _xla_flops(fn, *args):
-    cost = jax.jit(fn).lower(*args).cost_analysis()  # XLA's count on the unoptimised program: no compilation
+def _xla_flops(build, fn, *inputs):
+    """XLA's FLOP count of ``fn(module, *inputs)``, traced on abstract params (nothing is initialised or run)."""
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    lowered = jax.jit(lambda st, *xs: fn(nnx.merge(graphdef, st), *xs)).lower(state, *inputs)
+    cost = lowered.cost_analysis()  # the unoptimised program's count: no compilation needed
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
 def test_analytic_flops_match_xla_on_the_matmul_heavy_parts():
     """At the mid-size widths the matmuls dominate, so XLA's count (which adds elementwise work) is within a few
     percent of the analytic matmul count, and never below it."""
-    cfg = vit_config("eva-g/14", width=256, depth=1, num_heads=4, mlp_dim=1024)
-    vit = VisionTransformer(cfg, rngs=nnx.Rngs(0))
-    pixels = jnp.zeros((1, 224, 224, 3))
-    got = _xla_flops(lambda x: vit(x).tokens, pixels)
+    cfg = vit_config("eva-g/14", width=256, depth=2, num_heads=4, mlp_dim=1024)
+    pixels = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    got = _xla_flops(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(0)), lambda m, x: m(x).tokens, pixels)
     want = flops.vit_forward(cfg, 224)
     assert want <= got <= 1.05 * want
 
     qcfg = QFormerConfig(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=1024, encoder_hidden_size=256,
                          vocab_size=100, max_position_embeddings=64)
-    qf = QFormer(qcfg, rngs=nnx.Rngs(0))
-    queries, ids, image = jnp.zeros((1, 32, 256)), jnp.ones((1, 32), jnp.int32), jnp.zeros((1, 257, 256))
-    got = _xla_flops(lambda q, i, im: qf(q, i, None, im).last_hidden_state, queries, ids, image)
+    args = (jax.ShapeDtypeStruct((1, 32, 256), jnp.float32), jax.ShapeDtypeStruct((1, 32), jnp.int32),
+            jax.ShapeDtypeStruct((1, 257, 256), jnp.float32))
+    got = _xla_flops(lambda: QFormer(qcfg, rngs=nnx.Rngs(0)),
+                     lambda m, q, i, im: m(q, i, None, im).last_hidden_state, *args)
     want = flops.qformer_forward(qcfg, 32, 32, 257)
     assert want <= got <= 1.08 * want
 
 
 def test_retrieval_suite_agrees_with_numpy(tmp_path):
-    r = _run(tmp_path, "retrieval", "--sizes=300,1000", "--queries=24", "--k=7", "--tokens=4", "--dim=16",
+    r = _run(tmp_path, "retrieval", "--sizes=1000", "--queries=24", "--k=7", "--tokens=4", "--dim=16",
              "--chunk=128", "--query-chunk=10", "--numpy-ref-max=1000", "--reps=2")
-    assert [row["n"] for row in r["sizes"]] == [300, 1000]
+    assert [row["n"] for row in r["sizes"]] == [1000]  # 7 full chunks and a remainder
     for row in r["sizes"]:
         assert row["numpy_blas"]["agree"] == 1.0 and row["numpy_reference"]["agree"] == 1.0
         assert row["jax"]["peak_memory_bytes"] > row["gallery_bytes"]
@@ -106,7 +110,7 @@ def test_input_suite(tmp_path, train_step_json):
 
 
 def test_loss_memory_suite_chunked_stays_flat(tmp_path):
-    r = _run(tmp_path, "loss_memory", "--devices=2,4,8", "--per-device-batch=4", "--tokens=4", "--dim=8")
+    r = _run(tmp_path, "loss_memory", "--devices=4,8", "--per-device-batch=4", "--tokens=4", "--dim=8")
     gathered, chunked = r["temp_bytes"]["gathered"], r["temp_bytes"]["chunked"]
-    assert gathered["8"] > 1.5 * gathered["4"] and gathered["4"] > 1.5 * gathered["2"]
+    assert gathered["8"] > 1.5 * gathered["4"]
     assert chunked["8"] == chunked["4"]

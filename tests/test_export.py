@@ -69,11 +69,13 @@ def _official_paper_state_dict(beta_outputs: int | None = 1) -> dict[str, tuple]
         sd.update({f"visual_encoder.blocks.{i}.{k}": s for k, s in _EVA_BLOCK.items()})
     sd.update({"ln_vision.weight": (1408,), "ln_vision.bias": (1408,), "query_tokens": (1, 32, 768)})
     q = "Qformer.bert."
-    sd.update({q + "embeddings.word_embeddings.weight": (30523, 768), q + "embeddings.position_embeddings.weight": (512, 768),
+    sd.update({q + "embeddings.word_embeddings.weight": (30523, 768),
+               q + "embeddings.position_embeddings.weight": (512, 768),
                q + "embeddings.LayerNorm.weight": (768,), q + "embeddings.LayerNorm.bias": (768,),
                q + "embeddings.position_ids": (1, 512)})
     for i in range(12):
-        layer = {**{f"attention.{k}": s for k, s in _bert_attention(768).items()}, **_bert_ffn(""), **_bert_ffn("_query")}
+        layer = {**{f"attention.{k}": s for k, s in _bert_attention(768).items()},
+                 **_bert_ffn(""), **_bert_ffn("_query")}
         if i % 2 == 0:
             layer.update({f"crossattention.{k}": s for k, s in _bert_attention(1408).items()})
         sd.update({f"{q}encoder.layer.{i}.{k}": s for k, s in layer.items()})
@@ -86,7 +88,8 @@ def _official_paper_state_dict(beta_outputs: int | None = 1) -> dict[str, tuple]
     if beta_outputs is not None:
         sd.update({"contextual_probe_tokens": (1, 8, 768), "crm_module.cls_token": (1, 1, 768),
                    "crm_module.output_head.0.weight": (512, 768), "crm_module.output_head.0.bias": (512,),
-                   "crm_module.output_head.2.weight": (beta_outputs, 512), "crm_module.output_head.2.bias": (beta_outputs,)})
+                   "crm_module.output_head.2.weight": (beta_outputs, 512),
+                   "crm_module.output_head.2.bias": (beta_outputs,)})
         for i in range(2):
             sd.update({f"crm_module.transformer_encoder.layers.{i}.{k}": s for k, s in _CRM_LAYER.items()})
     return sd
@@ -189,6 +192,9 @@ def test_workdir_latest_step_and_step_dir(trained, latest):
     assert "probe_tokens" in moved and not any(k.startswith("blip2/vision/") for k in moved)
     with pytest.raises(FileNotFoundError, match="neither a training workdir"):
         workdir.read_source(trained / "checkpoints")
+    assert convert.main(["export", "--format", "jax_serving", "--src", str(trained), "--out",
+                         str(trained / "never"), "--platforms", "gpu"]) == 2
+    assert not (trained / "never").exists()
 
 
 @pytest.mark.slow
@@ -221,6 +227,12 @@ def test_lavis_adafocal_export_import_bit_exact(trained, latest, tmp_path):
     np.testing.assert_array_equal(sd["Qformer.cls.predictions.decoder.weight"], emb)  # tied, as in LAVIS
     np.testing.assert_array_equal(sd["Qformer.bert.embeddings.position_ids"], np.arange(512)[None])
     assert float(sd["temp"]) == float(f["blip2/temp"]) and sd["temp"].shape == ()
+
+    # Without model_config.json the architecture is read off the shapes (head counts by convention).
+    inferred = adafocal_names.infer_config(sd, convert._infer_lavis_config(sd))
+    assert inferred.blip2.qformer.vocab_size == 30523 and inferred.blip2.qformer.num_layers == 2
+    assert (inferred.crm.num_probes, inferred.crm.num_layers, inferred.crm.ffn_dim, inferred.crm.head_hidden,
+            inferred.crm.num_outputs) == (8, 2, 128, 64, 1) and inferred.beta_mode == "adaptive"
 
     # Import back: every official tensor lands where it came from, bit for bit; only itm_head is fresh.
     back = tmp_path / "back"

@@ -72,7 +72,14 @@ def test_quickstart_notebook(tmp_path):
     assert len(original) == len(other_text) == len(other_box) == 5
     # The same reference with another quadruple's text, or with the box moved off the object, ranks differently.
     assert other_text != original and other_box != original, summary
-    assert (out / "quickstart_quick" / "eval" / "demo_results.png").read_bytes()[:4] == b"\x89PNG"
+    eval_dir = out / "quickstart_quick" / "eval"
+    assert (eval_dir / "demo_results.png").read_bytes()[:4] == b"\x89PNG"
+    # One query at a time (interactive.Retriever: PIL decode, its own encoder) reproduces the evaluation's
+    # rankings (Grain gallery pass, cached vision tokens) for both quadruples of the reference.
+    lines = (eval_dir / "rankings.jsonl").read_text().splitlines()
+    ranked = {r["query_id"]: r["ranking"] for r in map(json.loads, lines)}
+    first, second = summary["query_ids"]
+    assert ranked[first][:5] == original and ranked[second][:5] == other_text, (ranked, summary)
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 ``--config`` takes a preset name or any trainer config, ``configs/oacir.py[:KEYWORDS]``:
 
-  tiny      ``configs/oacir.py:tiny,fake`` (EVA 64 wide, 2 layers, 56 px; Q-Former 64 x 4): tests
+  tiny      ``configs/oacir.py:tiny,fake`` with a 2-layer Q-Former and a 1024-word vocabulary: tests
   cpu_mid   EVA ViT 256 wide, 4 layers, 224 px (257 tokens); Q-Former 256 wide, 4 layers; 32 queries;
             batch 8; float32. One step takes about a second on a 2-core CPU.
   demo      the laptop demo's model (frozen EfficientNet-Lite0 + 384-wide 6-layer Q-Former), batch 32
@@ -27,7 +27,8 @@ from idmr_jax.models.adafocal import AdaFocalConfig
 
 # The bench presets: (configs/oacir.py keywords, overrides applied to the resulting ConfigDict).
 PRESETS: dict[str, tuple[str, dict]] = {
-    "tiny": ("tiny,fake", {"data.batch_size": 8}),
+    # 2 Q-Former layers (one with cross-attention) and a 1024-word vocabulary: compiles in seconds.
+    "tiny": ("tiny,fake", {"data.batch_size": 8, "model.qformer.num_layers": 2, "model.qformer.vocab_size": 1024}),
     "cpu_mid": ("fake", {
         "model.vision.variant": "eva-g/14", "model.vision.dtype": "float32", "model.vision.scan": False,
         "model.vision.overrides": dict(width=256, depth=4, num_heads=4, mlp_dim=1024),

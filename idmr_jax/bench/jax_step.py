@@ -52,6 +52,8 @@ class JaxStep:
     def compile(self):
         """Compiles the step ahead of time and runs that executable from now on (one compilation serves the
         cost analysis and the timings). Returns the compiled executable."""
+        if isinstance(self.step_fn, jax.stages.Compiled):
+            return self.step_fn
         with shd.axis_rules(self.mesh, self.rules):
             compiled = self.step_fn.lower(self.state, self.batch).compile()
         self.step_fn = compiled
@@ -70,11 +72,25 @@ class JaxStep:
         return {"trainable": count(self.state.params), "frozen": count(nnx.state(self.state.frozen, nnx.Param))}
 
 
-def build(config: ml_collections.ConfigDict, *, devices: int | None = None) -> JaxStep:
+# Steps built in this process, by (config, devices): suites run one after another in one process (the tests) share
+# one build and one compilation. The state keeps advancing; timings do not depend on the weights' values.
+_BUILT: dict[tuple[str, int | None], JaxStep] = {}
+
+
+def build(config: ml_collections.ConfigDict, *, devices: int | None = None, reuse: bool = True) -> JaxStep:
     """The train state, the jitted step and one batch on the mesh for `config` (any AdaFocal config).
 
     `devices`: use only the first n devices (a data-parallel mesh over them); default: the config's mesh.
+    `reuse`: return the step already built in this process for the same config and devices, if any.
     """
+    key = (config.to_json(sort_keys=True), devices)
+    if reuse and key in _BUILT:
+        return _BUILT[key]
+    _BUILT[key] = step = _build(config, devices)
+    return step
+
+
+def _build(config: ml_collections.ConfigDict, devices: int | None) -> JaxStep:
     task = configs.make_task(config)
     if devices:
         mesh = shd.make_mesh({"data": devices, "fsdp": 1, "model": 1}, devices=jax.devices()[:devices])

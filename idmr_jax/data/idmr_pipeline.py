@@ -208,10 +208,11 @@ class TripletExample(grain.transforms.Map):
         crop_rec = rec if crop_raw is raw else decode_record(crop_raw, source=f"{where} (crop partner)")
         q_ids, q_mask = self.tokenizer.encode(self.prompts.query_text(rec.caption), what=f"{where} field 'caption'")
         c_ids, c_mask = self.cand_tokenizer.encode(self.prompts.candidate, what="candidate prompt")
+        size, pad = self.image_size, self.pad_ratio
         return {
-            "query_pixels": pixels(crop_rec.crop_jpeg, self.image_size, self.pad_ratio, source=f"{where} field 'crop_jpeg'"),
+            "query_pixels": pixels(crop_rec.crop_jpeg, size, pad, source=f"{where} field 'crop_jpeg'"),
             "query_ids": q_ids, "query_mask": q_mask,
-            "cand_pixels": pixels(rec.image_jpeg, self.image_size, self.pad_ratio, source=f"{where} field 'image_jpeg'"),
+            "cand_pixels": pixels(rec.image_jpeg, size, pad, source=f"{where} field 'image_jpeg'"),
             "cand_ids": c_ids, "cand_mask": c_mask,
             "example_id": np.int32(key),
         }
@@ -229,8 +230,9 @@ def instance_partners(recs: list[triplets.TripletRecord]) -> dict[int, list[int]
 def train_iterator(config, spec: PromptSpec, cand_spec: PromptSpec, image_size: int) -> _Iterator:
     """Training iterator over ``data.train_dir/data.train_glob`` (this process's rows of each global batch).
 
-    Keys (per-process batch b): query_pixels / cand_pixels float32 [b,S,S,3], query_ids / query_mask /
-    cand_ids / cand_mask int32 [b,Lc] (`spec` / `cand_spec` give the layouts), example_id int32 [b] (the record's global key; not a model input).
+    Keys (per-process batch b): query_pixels / cand_pixels float32 [b,S,S,3], query_ids / query_mask int32
+    [b,L] and cand_ids / cand_mask int32 [b,Lc] (`spec` / `cand_spec` give the layouts), example_id int32 [b]
+    (the record's global key; not a model input).
     """
     d = config.data
     if not d.train_dir:
@@ -256,7 +258,8 @@ def train_iterator(config, spec: PromptSpec, cand_spec: PromptSpec, image_size: 
     if d.query_crop == "other_image":
         ds = ds.random_map(PickPartner(instance_partners(triplets.read_shards(paths))), seed=d.shuffle_seed)
     ds = ds.map(ReadPair(paths))
-    ds = ds.map(TripletExample(tokenizer, PromptTokenizer(d.tokenizer, cand_spec), image_size, d.pad_ratio, Prompts(d.query_template, d.candidate_template),
+    prompts = Prompts(d.query_template, d.candidate_template)
+    ds = ds.map(TripletExample(tokenizer, PromptTokenizer(d.tokenizer, cand_spec), image_size, d.pad_ratio, prompts,
                                pattern))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(d.get("read_threads", 2), 1), prefetch_buffer_size=64))
     ds = ds.batch(local_batch, drop_remainder=True)

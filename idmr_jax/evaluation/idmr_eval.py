@@ -44,7 +44,10 @@ class Embedder:
         out = []
         for b in blocks:
             n = len(b["ids"])
-            pad = lambda a: np.concatenate([a, np.repeat(a[-1:], self.batch_size - n, axis=0)]) if n < self.batch_size else a  # noqa: E731,E501
+
+            def pad(a, n=n):
+                return np.concatenate([a, np.repeat(a[-1:], self.batch_size - n, axis=0)]) if n < self.batch_size else a
+
             out.append(np.asarray(self._embed(self.state, pad(b["pixels"]), pad(b["ids"]), pad(b["mask"])))[:n])
         return np.concatenate(out)
 

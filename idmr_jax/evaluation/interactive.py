@@ -97,7 +97,11 @@ def restore_model(config: ml_collections.ConfigDict, workdir):
 class Retriever:
     """A trained AdaFocal plus the target features of one val gallery, encoded once."""
 
-    def __init__(self, model, model_config, config: ml_collections.ConfigDict, val_folder: str):
+    def __init__(self, model, model_config, config: ml_collections.ConfigDict, val_folder: str, *,
+                 batch_size: int = 8):
+        """`batch_size`: rows per encoder call. A single query is padded to it, so it stays small (interactive
+        latency on a CPU); the gallery is encoded in blocks of it. Meant for demo-sized galleries: every val
+        record (with its image bytes) is held in memory."""
         self.config, self.model_config = config, model_config
         self.spec = oacir_pipeline.image_spec(model_config)
         self.gallery: list[records.GalleryRecord] = records.read_shards(
@@ -106,7 +110,7 @@ class Retriever:
             os.path.join(val_folder, oacir_pipeline.QUERY_GLOB))
         self._by_name = {g.name: i for i, g in enumerate(self.gallery)}
         mesh = shd.make_mesh(dict(config.sharding.mesh))
-        self.encoder = FeatureEncoder(model, config.eval.batch_size, mesh,
+        self.encoder = FeatureEncoder(model, batch_size, mesh,
                                       tuple(tuple(r) for r in config.sharding.rules))
         self.tokenizer = text.Tokenizer(config.data.tokenizer, config.data.max_text_len)
         feats = []
@@ -119,14 +123,15 @@ class Retriever:
 
     @classmethod
     def from_workdir(cls, workdir, config: ml_collections.ConfigDict | None = None,
-                     val_folder: str | None = None) -> Retriever:
-        """Restores the latest checkpoint of `workdir` and encodes the first folder of ``config.data.val_dir``."""
+                     val_folder: str | None = None, *, batch_size: int = 8) -> Retriever:
+        """Restores the latest checkpoint of `workdir` (with the config saved there unless `config` is given) and
+        encodes `val_folder`, by default the first folder of ``config.data.val_dir``."""
         config = config if config is not None else load_config(workdir)
         folders = [f for f in (val_folder or config.data.val_dir or "").split(",") if f]
         if not folders:
             raise ValueError("no val folder: pass val_folder or set config.data.val_dir")
         model, model_config, _ = restore_model(config, workdir)
-        return cls(model, model_config, config, folders[0])
+        return cls(model, model_config, config, folders[0], batch_size=batch_size)
 
     @staticmethod
     def _decode(g: records.GalleryRecord) -> Image.Image:

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from etils import epath
 from flax import nnx
 
@@ -45,10 +44,11 @@ def lora_config(m: ml_collections.ConfigDict) -> lora_lib.LoRAConfig | None:
 
 
 def model_config(m: ml_collections.ConfigDict) -> LlavaConfig:
-    """LlavaConfig from ``config.model`` (sizes in the config, or those of ``init.path``'s config.json)."""
+    """LlavaConfig from ``config.model``: the sizes of ``init.path``'s config.json when a transformers LLaVA
+    checkpoint is given (``init.format == "hf_llava"``), else the sizes in the config."""
     v, t = m.vision, m.text
     lora = lora_config(m)
-    if m.init.format == "hf_llava":
+    if m.init.format == "hf_llava" and m.init.path:
         import dataclasses
 
         from idmr_jax.weights import io, llava_names
@@ -149,6 +149,9 @@ class IdmrTask:
             flat.update({f"vision/{k}": np.asarray(v) for k, v in checkpoint_flat(encoder).items()})
         init = self.config.model.init
         if init.format == "hf_llava":
+            if not init.path:
+                raise ValueError("config.model.init.format is 'hf_llava' but config.model.init.path is empty: give "
+                                 "the transformers LLaVA checkpoint folder, or set format='' to train from scratch")
             from idmr_jax.weights import io
             from idmr_jax.weights.llava_convert import convert_state_dict
 

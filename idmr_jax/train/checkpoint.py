@@ -21,6 +21,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from idmr_jax import runtime
+
 
 class StatefulIterator(Protocol):
     def get_state(self) -> Any: ...
@@ -80,6 +82,8 @@ class Checkpointer:
 
     def __init__(self, workdir: str | epath.Path, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = epath.Path(workdir) / "checkpoints"
+        # Orbax's first cross-process sync (creating the directory) is a collective: line the processes up first.
+        runtime.barrier("checkpointer")
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(

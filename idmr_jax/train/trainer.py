@@ -22,6 +22,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
+from idmr_jax import runtime
 from idmr_jax import sharding as shd
 from idmr_jax.train import checkpoint as ckpt_lib
 from idmr_jax.train import optim
@@ -116,8 +117,14 @@ def train_and_evaluate(task: Task, workdir: str | epath.Path) -> dict:
             local = model_inputs(next(data_iter))
             if train_step is None:
                 batch_sh = batch_shardings(mesh, rules, local)
-                train_step = make_train_step(graphdef, task.bind_mesh(mesh), optimizer, schedules, state_sh, batch_sh)
-            state, metrics = train_step(state, global_batch(local, batch_sh))
+                step_fn = make_train_step(graphdef, task.bind_mesh(mesh), optimizer, schedules, state_sh, batch_sh)
+                batch = global_batch(local, batch_sh)
+                # Compiled ahead of the first step, which every process then starts together (runtime.barrier).
+                train_step = step_fn.lower(state, batch).compile()
+                runtime.barrier("train_step_compiled")
+            else:
+                batch = global_batch(local, batch_sh)
+            state, metrics = train_step(state, batch)
             if pending is not None:
                 check(*pending)
             pending = (step_no, metrics)

@@ -61,7 +61,8 @@ from idmr_jax.weights import blip2_names, vit_names
 from idmr_jax.weights.mapping import IDENTITY, LINEAR, NameMap, Rule, WeightMismatchError, per_layer, prefixed
 from idmr_jax.weights.vit_names import checked_reshape
 
-OFFICIAL_CLASSES = {"adaptive/scalar": "Blip2QformerOacirAdaFocal", "adaptive/vector": "Blip2QformerOacirAdaFocalVector",
+OFFICIAL_CLASSES = {"adaptive/scalar": "Blip2QformerOacirAdaFocal",
+                    "adaptive/vector": "Blip2QformerOacirAdaFocalVector",
                     "baseline": "Blip2QformerOacirBaseline"}
 BERT_VOCAB_SIZE = 30522  # bert-base-uncased; LAVIS adds [DEC] -> 30523
 WORD_EMBEDDINGS = "Qformer.bert.embeddings.word_embeddings.weight"
@@ -94,7 +95,8 @@ def check_exportable(cfg: AdaFocalConfig) -> None:
 
 
 def _linear(torch_name: str, flax_path: str) -> list[Rule]:
-    return [Rule(f"{torch_name}.weight", f"{flax_path}/kernel", LINEAR), Rule(f"{torch_name}.bias", f"{flax_path}/bias")]
+    return [Rule(f"{torch_name}.weight", f"{flax_path}/kernel", LINEAR),
+            Rule(f"{torch_name}.bias", f"{flax_path}/bias")]
 
 
 def _norm(torch_name: str, flax_path: str) -> list[Rule]:

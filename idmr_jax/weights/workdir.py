@@ -159,7 +159,8 @@ def restore(path) -> TrainedCheckpoint:
     # Trainable params are all model params: anything else under params/ means the config does not match.
     extra = sorted(p for p in _value_paths(tree.get("params", {})) if p not in model_params)
     if extra:
-        raise WeightMismatchError(f"{state_dir}: trainable params unknown to the model of the saved config: {extra[:8]}")
+        raise WeightMismatchError(f"{state_dir}: trainable params unknown to the model of the saved config: "
+                                  f"{extra[:8]}")
 
     restore_args = jax.tree.map(
         lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), target)

@@ -24,9 +24,9 @@ from flax import nnx
 from idmr_jax.losses import gradcache
 from idmr_jax.losses.contrastive import BATCH_AXES, global_infonce
 from idmr_jax.models import lora as lora_lib
+from idmr_jax.models import pooling
 from idmr_jax.models.decoder_lm import DecoderLMConfig
 from idmr_jax.models.efficientnet import EfficientNetEncoderConfig
-from idmr_jax.models import pooling
 from idmr_jax.models.llava import LlavaConfig, LlavaEmbedder, splice_image_features
 from idmr_jax.models.vision import vision_grid
 from idmr_jax.models.vit import vit_config
@@ -37,6 +37,7 @@ BATCH_KEYS = ("query", "cand", "hn")
 
 
 def lora_config(m: ml_collections.ConfigDict) -> lora_lib.LoRAConfig | None:
+    """``config.model.lora`` as a LoRAConfig; None when absent or rank 0 (full tuning)."""
     lc = m.get("lora")
     if not lc or not lc.rank:
         return None

@@ -1,15 +1,18 @@
 """Multi-host training with JAX's own runtime: 2 processes x 4 CPU devices train exactly like 1 x 8.
 
 The two-process run goes through the real entry point (``python -m idmr_jax.main --coordinator_address=...``)
-with ``jax.distributed`` on localhost: 4 steps, a checkpoint, a clean stop, then a fresh pair of processes
-restores it and trains 4 more. Its final parameters must equal those of one process with 8 devices that trains
-the 8 steps in one go.
+with ``jax.distributed`` on localhost: 2 steps, a checkpoint, a clean stop, then a fresh pair of processes
+restores it and trains 2 more. Its final parameters must equal those of one process with 8 devices that trains
+the 4 steps in one go.
 
 The reference also runs under ``jax.distributed`` (one process), so that its cross-device sums use the same CPU
 collectives (gloo) as the pair; with XLA's in-process collectives instead, the summation order differs, and Adam
 turns that rounding noise in gradients that are exactly zero in exact arithmetic (attention key biases: softmax
-ignores a per-query constant) into steps of the size of the learning rate (measured: up to 2e-3 apart after 8
-steps, while every other parameter agrees to about 1e-6).
+ignores a per-query constant) and tiny ones into steps of the size of the learning rate. Measured after 8 steps
+with in-process collectives for the reference: 2 x 4 vs 1 x 8 devices, key biases up to 2.2e-3 apart and word
+embeddings 8e-5 (all else within 1.1e-5); 1 x 4 vs 1 x 8 devices, both in one process, about as much (2.4e-3,
+1.9e-4, a few others up to 1.1e-4): a property of the summation order, not of multi-host training. With gloo on
+both sides the parameters come out bit-identical.
 
 The two-process runs share a persistent compilation cache, which changes no numbers, only
 the time spent compiling: on CPU only process 0's programs come back from it (JAX keys CPU programs by process
@@ -34,9 +37,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/oacir.py:tiny,fake"
-# 4 + 4 steps of the tiny config's global batch 16 (2 per device), metrics every 2 steps, no evaluation.
-FLAGS = ["--config.train.progress=False", "--config.eval.at_end=False", "--config.train.checkpoint_every=4",
-         "--config.train.log_every=2"]
+# 2 + 2 steps of the tiny config's global batch 16 (2 per device), metrics every step, no evaluation. (Steps
+# are slow here: gloo moves every gradient between 8 ranks over TCP, on a machine with fewer cores than ranks.)
+FLAGS = ["--config.train.progress=False", "--config.eval.at_end=False", "--config.train.checkpoint_every=2",
+         "--config.train.log_every=1"]
 TIMEOUT = 900
 
 
@@ -62,8 +66,14 @@ def _launch(workdir: Path, logs: Path, name: str, env: dict, *flags: str) -> sub
 
 def _wait_all(procs: dict[str, subprocess.Popen], logs: Path) -> dict[str, tuple[str, str]]:
     """Waits for every process; on any failure kills the rest and shows the logs. Returns {name: (out, err)}."""
+    deadline = time.monotonic() + TIMEOUT
     try:
-        codes = {name: p.wait(timeout=TIMEOUT) for name, p in procs.items()}
+        # A failed process leaves its peers waiting on it: stop waiting as soon as one fails.
+        while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs.values()):
+                break
+            time.sleep(0.5)
+        codes = {name: p.poll() for name, p in procs.items()}
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -71,15 +81,15 @@ def _wait_all(procs: dict[str, subprocess.Popen], logs: Path) -> dict[str, tuple
                 p.wait()
     texts = {name: ((logs / f"{name}.out").read_text(), (logs / f"{name}.err").read_text()) for name in procs}
     bad = {n: c for n, c in codes.items() if c != 0}
-    assert not bad, "\n".join(f"--- {n} exited {c}\n{texts[n][0][-2000:]}\n{texts[n][1][-5000:]}" for n, c in bad.items())
+    assert not bad, "\n".join(f"--- {n} {'was killed' if c is None else f'exited {c}'}\n{texts[n][0][-2000:]}\n"
+                              f"{texts[n][1][-5000:]}" for n, c in bad.items())
     return texts
 
 
-def _two_processes(workdir: Path, logs: Path, name: str, cache: Path, *flags: str) -> dict[str, tuple[str, str]]:
+def _two_processes(workdir: Path, logs: Path, name: str, cache: Path, *flags: str) -> dict[str, subprocess.Popen]:
     address = f"127.0.0.1:{_free_port()}"
-    procs = {f"{name}-p{i}": _launch(workdir, logs, f"{name}-p{i}", _env(4, cache), f"--coordinator_address={address}",
-                                     "--num_processes=2", f"--process_id={i}", *flags) for i in range(2)}
-    return _wait_all(procs, logs)
+    return {f"{name}-p{i}": _launch(workdir, logs, f"{name}-p{i}", _env(4, cache), f"--coordinator_address={address}",
+                                    "--num_processes=2", f"--process_id={i}", *flags) for i in range(2)}
 
 
 def _final_params(workdir: Path, step: int) -> dict[str, np.ndarray]:
@@ -113,7 +123,7 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config("tiny,fake")
-    # A 4-step run resumed to 8 steps optimises exactly like one 8-step run only with a step-count-free schedule.
+    # A 2-step run resumed to 4 steps optimises exactly like one 4-step run only with a step-count-free schedule.
     assert config.optim.schedule == "constant" and config.data.batch_size == 16 and config.data.source == "fake"
 
     cache, logs = tmp_path / "jax_cache", tmp_path / "logs"
@@ -121,13 +131,14 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
     logs.mkdir()
     single, multi = tmp_path / "single", tmp_path / "multi"
 
-    # Reference: one process, 8 devices, 8 steps in one go. It runs alongside the first two-process run.
-    reference = {"single": _launch(single, logs, "single", _env(8), f"--coordinator_address=127.0.0.1:{_free_port()}",
-                                   "--num_processes=1", "--process_id=0", "--config.train.num_steps=8")}
-    first = _two_processes(multi, logs, "first", cache, "--config.train.num_steps=4")
-    ref = _wait_all(reference, logs)
-    assert not (multi / "checkpoints" / "8").exists()
-    second = _two_processes(multi, logs, "second", cache, "--config.train.num_steps=8")
+    first = _wait_all(_two_processes(multi, logs, "first", cache, "--config.train.num_steps=2"), logs)
+    assert sorted(p.name for p in (multi / "checkpoints").iterdir()) == ["2"]
+    # Reference: one process, 8 devices, 4 steps in one go. It runs alongside the restarted pair, whose process 0
+    # reads its programs from the cache while process 1 compiles: two busy processes for two cores.
+    procs = {"single": _launch(single, logs, "single", _env(8), f"--coordinator_address=127.0.0.1:{_free_port()}",
+                               "--num_processes=1", "--process_id=0", "--config.train.num_steps=4")}
+    procs.update(_two_processes(multi, logs, "second", cache, "--config.train.num_steps=4"))
+    second = ref = _wait_all(procs, logs)
 
     # It really was 2 processes with 4 devices each (and 1 x 8 for the reference).
     assert _devices_line(ref["single"][1]) == "JAX process 0/1, 8 local / 8 global devices (cpu)"
@@ -135,25 +146,25 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
         for i in range(2):
             assert _devices_line(run[f"{name}-p{i}"][1]) == f"JAX process {i}/2, 4 local / 8 global devices (cpu)"
     for i in range(2):
-        assert "resuming from checkpoint at step 4" in second[f"second-p{i}"][0]
+        assert "resuming from checkpoint at step 2" in second[f"second-p{i}"][0]
     # Each process saved its own data-iterator state next to the shared train state.
-    data_dir = multi / "checkpoints" / "4" / "data"
+    data_dir = multi / "checkpoints" / "2" / "data"
     assert sorted(p.name for p in data_dir.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
-    assert [json.loads((data_dir / f"process_{i}-of-2.json").read_text()) for i in range(2)] == [{"position": 64}] * 2
+    assert [json.loads((data_dir / f"process_{i}-of-2.json").read_text()) for i in range(2)] == [{"position": 32}] * 2
 
     # Only process 0 logs: each logged step appears once, and the losses follow the reference's.
     multi_rows, single_rows = _train_records(multi), _train_records(single)
-    assert [r["step"] for r in multi_rows] == [2, 4, 6, 8] == [r["step"] for r in single_rows]
+    assert [r["step"] for r in multi_rows] == [1, 2, 3, 4] == [r["step"] for r in single_rows]
     np.testing.assert_allclose([r["loss"] for r in multi_rows], [r["loss"] for r in single_rows], rtol=1e-5)
 
-    a, b, mid = _final_params(single, 8), _final_params(multi, 8), _final_params(single, 4)
+    a, b, mid = _final_params(single, 4), _final_params(multi, 4), _final_params(single, 2)
     assert a.keys() == b.keys() and len(a) > 10
     diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
     moved = max(float(np.max(np.abs(a[k] - mid[k]))) for k in a)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print(f"max abs param difference 2x4 vs 1x8: {diff:.3g} (params moved up to {moved:.3g} in steps 5-8); "
+    print(f"max abs param difference 2x4 vs 1x8: {diff:.3g} (params moved up to {moved:.3g} in steps 3-4); "
           f"{time.perf_counter() - start:.0f} s wall, {usage.ru_utime + usage.ru_stime:.0f} s CPU in the runs")
-    assert moved > 1e-3  # the last 4 steps changed the params, so equality at step 8 says something
+    assert moved > 1e-3  # the last 2 steps changed the params, so equality at step 4 says something
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=k)
 

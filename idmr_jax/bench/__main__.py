@@ -28,12 +28,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if known.suite is None:
         top.print_help()
         raise SystemExit(2)
-    if known.suite == "loss_memory":
-        # Fake CPU devices must be requested before JAX initialises its backends (no effect on TPU/GPU).
-        from idmr_jax.bench import loss_memory
-
-        loss_memory.request_devices(rest)
-    module = _suite_module(known.suite)
+    module = _suite_module(known.suite)  # suite modules import JAX lazily, inside run()
+    if hasattr(module, "before_jax"):
+        module.before_jax(rest)  # process-level settings that only take effect before JAX initialises
     parser = argparse.ArgumentParser(prog=f"python -m idmr_jax.bench {known.suite}",
                                      description=(module.__doc__ or "").strip().split("\n")[0])
     parser.add_argument("--out", default=None, help="write the JSON result here (local path or gs://)")

@@ -4,6 +4,12 @@ Nothing here re-implements the trainer: the state comes from `idmr_jax.train.sta
 from `make_train_step` with the task's loss (`AdaFocalTask.loss_fn`), the optimiser from the config's recipe, and
 the batch from the synthetic source (`idmr_jax.data.fake`) placed on the mesh once, so a timing covers the
 update alone (the `input` suite measures the data side).
+
+Cached ViT features (``vit_cache=True``): the recipe freezes the ViT and trains without augmentation, so each
+image's ViT output never changes and can be computed once per image instead of twice per example and step. The
+batch then carries the ViT tokens (``ref_tokens``/``tgt_tokens``, computed here by the model's own ViT) and the
+step runs the task's unchanged loss with the ViT swapped for the identity (``ln_vision`` and everything after it
+still run and train).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class JaxStep:
     step_fn: Any
     batch: dict
     local_batch: dict
+    vit_cache: bool = False
 
     def run(self):
         with shd.axis_rules(self.mesh, self.rules):
@@ -74,23 +81,62 @@ class JaxStep:
 
 # Steps built in this process, by (config, devices): suites run one after another in one process (the tests) share
 # one build and one compilation. The state keeps advancing; timings do not depend on the weights' values.
-_BUILT: dict[tuple[str, int | None], JaxStep] = {}
+_BUILT: dict[tuple, JaxStep] = {}
 
 
-def build(config: ml_collections.ConfigDict, *, devices: int | None = None, reuse: bool = True) -> JaxStep:
+def build(config: ml_collections.ConfigDict, *, devices: int | None = None, vit_cache: bool = False,
+          reuse: bool = True) -> JaxStep:
     """The train state, the jitted step and one batch on the mesh for `config` (any AdaFocal config).
 
     `devices`: use only the first n devices (a data-parallel mesh over them); default: the config's mesh.
-    `reuse`: return the step already built in this process for the same config and devices, if any.
+    `vit_cache`: the batch carries the frozen ViT's output instead of pixels (see the module docstring).
+    `reuse`: return the step already built in this process for the same arguments, if any.
     """
-    key = (config.to_json(sort_keys=True), devices)
+    key = (config.to_json(sort_keys=True), devices, vit_cache)
     if reuse and key in _BUILT:
         return _BUILT[key]
-    _BUILT[key] = step = _build(config, devices)
+    _BUILT[key] = step = _build(config, devices, vit_cache)
     return step
 
 
-def _build(config: ml_collections.ConfigDict, devices: int | None) -> JaxStep:
+class _CachedVision(nnx.Module):
+    """Stands in for the frozen ViT when its output is cached: returns its input as the tokens."""
+
+    def __init__(self, grid: tuple[int, int]):
+        self.grid = grid
+
+    def __call__(self, tokens, *, deterministic: bool = True):
+        from idmr_jax.models.vit import VisionOutput
+
+        return VisionOutput(tokens=tokens, grid=self.grid)
+
+
+def cached_vit_loss(loss_fn, grid: tuple[int, int]):
+    """`loss_fn` (the task's) on a batch holding ViT tokens: the model's ViT is replaced by the identity inside
+    the traced step only (the merged model is the step's own copy) and the tokens go where the pixels went."""
+
+    def loss(model, batch, rng):
+        model.blip2.vision = _CachedVision(grid)
+        view = {k: v for k, v in batch.items() if k not in ("ref_tokens", "tgt_tokens")}
+        view["ref_pixels"], view["tgt_pixels"] = batch["ref_tokens"], batch["tgt_tokens"]
+        return loss_fn(model, view, rng)
+
+    return loss
+
+
+def vit_tokens(step: "JaxStep", pixels) -> jax.Array:
+    """The frozen ViT's output tokens (before ``ln_vision``) for `pixels` on the step's mesh."""
+    graphdef, frozen = step.graphdef, step.state.frozen
+
+    def encode(params, frozen, x):
+        model = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, frozen))
+        return model.blip2.vision(x).tokens
+
+    with shd.axis_rules(step.mesh, step.rules):
+        return jax.jit(encode)(step.state.params, frozen, pixels)
+
+
+def _build(config: ml_collections.ConfigDict, devices: int | None, vit_cache: bool) -> JaxStep:
     task = configs.make_task(config)
     if devices:
         mesh = shd.make_mesh({"data": devices, "fsdp": 1, "model": 1}, devices=jax.devices()[:devices])
@@ -108,10 +154,26 @@ def _build(config: ml_collections.ConfigDict, devices: int | None) -> JaxStep:
                                                        lambda _: optimizer, rng, mesh, rules)
         local = next(fake.FakeIterator(task._fake_spec(), bs, jax.process_index(), jax.process_count()))
         batch_sh = batch_shardings(mesh, rules, local)
-        step_fn = make_train_step(graphdef, task.bind_mesh(mesh), optimizer, schedules, state_sh, batch_sh)
         batch = global_batch(local, batch_sh)
-    return JaxStep(config=config, task=task, mesh=mesh, rules=rules, graphdef=graphdef, state=state,
-                   step_fn=step_fn, batch=batch, local_batch=local)
+    step = JaxStep(config=config, task=task, mesh=mesh, rules=rules, graphdef=graphdef, state=state,
+                   step_fn=None, batch=batch, local_batch=local, vit_cache=vit_cache)
+    loss_fn = task.bind_mesh(mesh)
+    if vit_cache:
+        if not config.model.freeze_vision:
+            raise ValueError("cached ViT features need a frozen ViT (config.model.freeze_vision)")
+        tokens = {f"{side}_tokens": vit_tokens(step, batch[f"{side}_pixels"]) for side in ("ref", "tgt")}
+        local = {**{k: v for k, v in local.items() if not k.endswith("_pixels")},
+                 **{k: np.asarray(jax.device_get(v)) for k, v in tokens.items()}}
+        batch_sh = batch_shardings(mesh, rules, local)
+        with shd.axis_rules(mesh, rules):
+            batch = global_batch(local, batch_sh)
+        step.batch, step.local_batch = batch, local
+        from idmr_jax.models.adafocal import grid
+
+        loss_fn = cached_vit_loss(loss_fn, grid(task.model_config))
+    with shd.axis_rules(mesh, rules):
+        step.step_fn = make_train_step(graphdef, loss_fn, optimizer, schedules, state_sh, batch_sh)
+    return step
 
 
 def describe(config: ml_collections.ConfigDict, step: JaxStep | None = None) -> dict:

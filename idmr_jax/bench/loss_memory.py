@@ -27,7 +27,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direction", choices=["q2t", "symmetric"], default="q2t")
 
 
-def request_devices(argv: Sequence[str]) -> None:
+def before_jax(argv: Sequence[str]) -> None:
     """Asks for enough fake CPU devices for ``--devices`` (before JAX initialises; TPU/GPU ignore it)."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--devices", default="1,2,4,8")

@@ -6,7 +6,8 @@ both sides compute the same function (:func:`parity` checks the loss on one batc
 baseline step does:
 
 * the frozen ViT runs under ``torch.no_grad`` with ``requires_grad=False`` (no backward, no optimiser state);
-  ``post_layernorm`` (BLIP-2's ``ln_vision``) trains;
+  ``post_layernorm`` (BLIP-2's ``ln_vision``) trains; with cached ViT features the batch holds the ViT's tokens
+  (the same ones the JAX side uses) and only ``post_layernorm`` onwards runs;
 * query: the multimodal Q-Former pass over ``[query tokens; text]`` and the reference image, text [CLS] ->
   ``text_projection`` -> L2 norm; target: the image-only pass -> ``vision_projection`` -> L2 norm, [B, Q, E];
 * loss: cross-entropy of ``max_k <q_i, t_j[k]> / temp`` against the diagonal (query -> target);
@@ -77,25 +78,33 @@ class BaselineStep:
 
     @staticmethod
     def batch(local: dict[str, np.ndarray]) -> dict:
-        """Torch tensors from the JAX side's numpy batch (pixels NHWC -> NCHW)."""
+        """Torch tensors from the JAX side's numpy batch (pixels NHWC -> NCHW; cached ViT tokens as they are)."""
         torch = _torch()
-        t = lambda x: torch.from_numpy(np.ascontiguousarray(x))  # noqa: E731
-        return {"ref_pixels": t(local["ref_pixels"].transpose(0, 3, 1, 2)),
-                "tgt_pixels": t(local["tgt_pixels"].transpose(0, 3, 1, 2)),
-                "input_ids": t(local["input_ids"].astype(np.int64)),
-                "attention_mask": t(local["attention_mask"].astype(np.int64))}
+        t = lambda x: torch.from_numpy(np.array(x))  # noqa: E731  (a writable copy)
+        out = {"input_ids": t(local["input_ids"].astype(np.int64)),
+               "attention_mask": t(local["attention_mask"].astype(np.int64))}
+        for side in ("ref", "tgt"):
+            if f"{side}_tokens" in local:
+                out[f"{side}_tokens"] = t(local[f"{side}_tokens"])
+            else:
+                out[f"{side}_pixels"] = t(local[f"{side}_pixels"].transpose(0, 3, 1, 2))
+        return out
 
-    def _image_embeds(self, pixels):
+    def _image_embeds(self, batch: dict, side: str):
+        """``post_layernorm`` (ln_vision, trainable) of the frozen ViT's tokens, run here or cached."""
         torch = _torch()
-        with torch.no_grad():
-            tokens = self.vision.encoder(inputs_embeds=self.vision.embeddings(pixels)).last_hidden_state
+        tokens = batch.get(f"{side}_tokens")
+        if tokens is None:
+            with torch.no_grad():
+                pixels = batch[f"{side}_pixels"]
+                tokens = self.vision.encoder(inputs_embeds=self.vision.embeddings(pixels)).last_hidden_state
         return self.vision.post_layernorm(tokens)
 
     def loss(self, batch: dict):
         torch = _torch()
         f = torch.nn.functional
-        ref = self._image_embeds(batch["ref_pixels"])
-        tgt = self._image_embeds(batch["tgt_pixels"])
+        ref = self._image_embeds(batch, "ref")
+        tgt = self._image_embeds(batch, "tgt")
         b = ref.shape[0]
         queries = self.query_tokens.expand(b, -1, -1)
         nq = queries.shape[1]
@@ -153,6 +162,11 @@ def jax_eval_loss(jstep) -> float:
     task = configs.make_task(twin)
     graphdef, _, _ = split_model(nnx.eval_shape(task.build_model), task.frozen_patterns)
     loss_fn = task.bind_mesh(jstep.mesh)
+    if jstep.vit_cache:
+        from idmr_jax.bench.jax_step import cached_vit_loss
+        from idmr_jax.models.adafocal import grid
+
+        loss_fn = cached_vit_loss(loss_fn, grid(task.model_config))
 
     def loss(params, frozen, batch):
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, frozen))

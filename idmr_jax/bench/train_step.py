@@ -27,9 +27,25 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int, default=None, help="use the first N devices (default: the config's mesh)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (default: the preset's)")
     p.add_argument("--compare", choices=["none", "torch"], default="none")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, as XLA uses)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of both sides (default: all cores). torch: set_num_threads; XLA's CPU thread "
+                   "pool cannot be sized, only switched to one thread (1 -> --xla_cpu_multi_thread_eigen=false, set "
+                   "by `python -m idmr_jax.bench` before JAX starts)")
+    p.add_argument("--steps-per-rep", type=int, default=1,
+                   help="consecutive steps per timed rep (JAX syncs once per rep, as the trainer does)")
+    p.add_argument("--vit-cache", action="store_true",
+                   help="both sides read cached frozen-ViT features instead of running the ViT (recipe-allowed)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+
+
+def before_jax(argv) -> None:
+    """``--threads=1`` also makes XLA's CPU backend single-threaded (it has no other thread-count setting)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--threads", type=int, default=None)
+    known, _ = parser.parse_known_args(list(argv))
+    if known.threads == 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 
 def _side(times, batch_size) -> dict:
@@ -54,9 +70,10 @@ def run(args: argparse.Namespace) -> dict:
     result = {"suite": "train_step", "config": args.config, "machine": common.machine_info()}
 
     t0 = time.perf_counter()
-    js = jax_step.build(config, devices=args.devices)
+    js = jax_step.build(config, devices=args.devices, vit_cache=args.vit_cache)
     result["build_s"] = time.perf_counter() - t0
     result["model"] = jax_step.describe(config, js)
+    result["model"]["vit_cache"] = bool(args.vit_cache)
     bs = js.batch_size
 
     ts = None
@@ -82,20 +99,27 @@ def run(args: argparse.Namespace) -> dict:
             ts.step(tbatch)
 
     # Wall time is the measure; the process's CPU time per step is kept as a diagnostic for shared machines.
+    # A rep is `steps_per_rep` consecutive steps: JAX dispatches them back to back and waits once at the end, as
+    # the trainer does (no host sync inside the loop), so each step's host-side dispatch overlaps the previous
+    # step's computation; torch runs them one after another (each `step` reads its loss).
+    w = max(args.steps_per_rep, 1)
     jax_times, torch_times, jax_cpu, torch_cpu, torch_loss = [], [], [], [], None
     for _ in range(args.reps):
         t0, c0 = time.perf_counter(), time.process_time()
-        metrics = js.run()
+        for _ in range(w):
+            metrics = js.run()
         js.sync(metrics)
-        jax_times.append(time.perf_counter() - t0)
-        jax_cpu.append(time.process_time() - c0)
+        jax_times.append((time.perf_counter() - t0) / w)
+        jax_cpu.append((time.process_time() - c0) / w)
         if ts is not None:
             t0, c0 = time.perf_counter(), time.process_time()
-            torch_loss = ts.step(tbatch)
-            torch_times.append(time.perf_counter() - t0)
-            torch_cpu.append(time.process_time() - c0)
+            for _ in range(w):
+                torch_loss = ts.step(tbatch)
+            torch_times.append((time.perf_counter() - t0) / w)
+            torch_cpu.append((time.process_time() - c0) / w)
     jax_loss = float(metrics["loss"])
 
+    result["steps_per_rep"] = w
     result["jax"] = {**_side(jax_times, bs), "cpu_s_median": statistics.median(jax_cpu), "last_loss": jax_loss}
     if ts is not None:
         result["torch"].update(_side(torch_times, bs), cpu_s_median=statistics.median(torch_cpu),

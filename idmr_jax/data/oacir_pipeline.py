@@ -27,6 +27,7 @@ from idmr_jax.data.boxes import box_to_patch_mask, perturb_box
 
 QUERY_GLOB = "queries-*.array_record"
 GALLERY_GLOB = "gallery-*.array_record"
+BOX_PERTURBATIONS = {"none": "exact", "iou0.8": "scale", "iou0.5": "scale_shift", "no_box": "none"}
 
 
 def list_shards(folder: str | os.PathLike, pattern: str) -> list[str]:
@@ -38,7 +39,6 @@ def list_shards(folder: str | os.PathLike, pattern: str) -> list[str]:
     if not paths:
         raise FileNotFoundError(f"no shard matches {pattern!r} in {os.fspath(folder)!r}")
     return paths
-BOX_PERTURBATIONS = {"none": "exact", "iou0.8": "scale", "iou0.5": "scale_shift", "no_box": "none"}
 
 
 def decode_image(data: bytes, *, source: str) -> Image.Image:

@@ -74,9 +74,16 @@ def _merge(best_s, best_i, s, idx, k):
 
 
 def _block_scores(q, block, precision):
-    """float32 ``[Nq, C]`` max-over-tokens scores of one gallery block ``[C, T, E]`` (any storage dtype)."""
-    s = jnp.einsum("qe,cte->qct", q, block.astype(jnp.float32), precision=precision)
-    return s.max(axis=-1)
+    """float32 ``[Nq, C]`` max-over-tokens scores of one gallery block ``[C, T, E]`` (any storage dtype).
+
+    One ``[C*T, E] x [E, Nq]`` product with the gallery tokens as rows: the token axis then sits next to the
+    gallery axis, so the max over tokens reads contiguous rows and only the small ``[C, Nq]`` result is
+    transposed (scoring ``[Nq, C, T]`` instead was about 20% slower on CPU).
+    """
+    c, t, e = block.shape
+    s = jax.lax.dot_general(block.reshape(c * t, e).astype(jnp.float32), q, (((1,), (1,)), ((), ())),
+                            precision=precision)
+    return s.reshape(c, t, -1).max(axis=1).T
 
 
 def _local_topk(query, gallery, k, chunk, n_valid, offset, precision):

@@ -102,8 +102,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o = c.optim = ml_collections.ConfigDict()
     o.b1, o.b2, o.eps, o.weight_decay = 0.9, 0.999, 1e-8, 0.0  # transformers Trainer defaults
     o.grad_clip_norm = 1.0
-    # IDMR: linear decay after 120 warm-up steps; the trainer's optimiser offers warmup_cosine / constant.
-    o.schedule, o.warmup_steps = "warmup_cosine", 120
+    # IDMR: linear decay to 0 after 120 warm-up steps (transformers' get_linear_schedule_with_warmup).
+    o.schedule, o.warmup_steps = "warmup_linear", 120
     o.groups = [("all", r".*", 2e-5)]
 
     # ---------------------------------------------------------------- loss

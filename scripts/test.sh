@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test suite: sets up .venv if needed, then runs pytest on 8 fake CPU devices (a simulated TPU slice).
+# The test suite: sets up .venv if needed, then runs pytest on 8 fake CPU devices (a simulated TPU slice),
+# in two worker processes.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k vit`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -9,7 +10,10 @@ cd "$ROOT"
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}" JAX_PLATFORMS=cpu
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 set +e
-python -m pytest -q -ra "$@"
+# Two pytest workers (pytest-xdist), whole files per worker so module fixtures are built once: most tests wait on
+# single-threaded XLA compilation, so two of them share the 2 cores of a small CI machine well.
+# IDMR_TEST_WORKERS=0 runs everything in this process.
+python -m pytest -q -ra --durations=25 -n "${IDMR_TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 set -e
 # pytest exits 5 when no test was collected. With a selection (-k, -m, paths) that only means nothing

@@ -45,6 +45,15 @@ def test_train_step_against_the_torch_baseline(train_step_json):
         assert np.isfinite(r[side]["last_loss"])
 
 
+def test_cached_vit_features_change_no_number(tmp_path):
+    """JAX reads the frozen ViT's cached output while torch runs the ViT on the pixels: the same loss, so the
+    cached step is the recipe's step and its timing compares with the uncached PyTorch one."""
+    r = _run(tmp_path, "train_step", "--config=tiny,baseline", "--devices=1", "--compare=torch", "--reps=1",
+             "--warmup=1", "--vit-cache=jax")
+    assert r["model"]["vit_cache"] == "jax"
+    assert r["parity"]["abs_diff"] <= 1e-4, r["parity"]
+
+
 def test_mfu_suite(tmp_path, train_step_json):
     # The same config as the train_step run: this process reuses its built and compiled step.
     r = _run(tmp_path, "mfu", "--config=tiny,baseline", "--devices=1", "--reps=2", "--warmup=1",
@@ -54,6 +63,8 @@ def test_mfu_suite(tmp_path, train_step_json):
     assert r["peak"]["best_flops_per_s"] == max(s["flops_per_s"] for s in r["peak"]["sizes"])
     assert r["utilisation"] == pytest.approx(
         r["flops"]["analytic"]["total"] / r["step"]["median_s"] / r["peak"]["best_flops_per_s"])
+    best = max(r["peak"]["best_flops_per_s"], r["peak_numpy_blas"]["best_flops_per_s"])
+    assert r["utilisation_vs_best_peak"] == pytest.approx(r["achieved_flops_per_s_per_device"] / best)
 
 
 def _xla_flops(build, fn, *inputs):

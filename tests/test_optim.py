@@ -176,3 +176,23 @@ def test_paper_first_step_is_adamw_with_group_learning_rates(tiny_trainable):
         np.testing.assert_allclose(np.asarray(u), expected, rtol=1e-5, atol=1e-12, err_msg=p)
         seen.add(lr)
     assert seen == {1e-4, 1e-5}
+
+
+@pytest.mark.parametrize("warmup", [0, 7])
+def test_warmup_linear_matches_transformers(warmup):
+    """IDMR's schedule: transformers' get_linear_schedule_with_warmup, step by step (the value at step k is the
+    learning rate of the k-th update, as the torch scheduler gives it before its k-th ``step()``)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    total, peak = 40, 2e-5
+    cfg = oacir.get_config("release").optim
+    cfg.schedule, cfg.warmup_steps = "warmup_linear", warmup
+    lr = optim.lr_schedule(cfg, peak, total)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = get_linear_schedule_with_warmup(opt, warmup, total)
+    want = []
+    for _ in range(total + 3):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose([float(lr(k)) for k in range(total + 3)], want, rtol=1e-6, atol=1e-12)

@@ -52,6 +52,31 @@ def test_chunked_random_features_and_full_k():
     assert sorted(np.asarray(got_i)[0].tolist()) == list(range(NG))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+@pytest.mark.parametrize("sub", [4, 6])  # sub-blocks dividing the chunk, and with a remainder (12 = 2 x 6 ... 20)
+def test_sub_chunks_equal_reference_with_ties(dtype, sub):
+    q, g = _int_data(3)  # small integers: exact in bf16, so both dtypes must reproduce the ties exactly
+    want_s, want_i = topk_numpy(q, g, 10)
+    got_s, got_i = topk_retrieval(q, jnp.asarray(g, dtype), 10, chunk_size=20, sub_chunk=sub)
+    np.testing.assert_array_equal(np.asarray(got_i), want_i)
+    np.testing.assert_array_equal(np.asarray(got_s), want_s)
+
+
+def test_bfloat16_gallery_query_terms():
+    """The bf16 path splits the float32 query into bf16 parts: two keep float32 accuracy, one does not."""
+    rng = np.random.default_rng(4)
+    q = rng.normal(size=(NQ, 64)).astype(np.float32)
+    g = rng.normal(size=(NG, T, 64))
+    q, g = q / np.linalg.norm(q, axis=-1, keepdims=True), g / np.linalg.norm(g, axis=-1, keepdims=True)  # as used
+    g16 = jnp.asarray(g, jnp.bfloat16)
+    exact = scores_numpy(q, np.asarray(g16, np.float32))
+    errors = {}
+    for terms in (1, 2):
+        got_s, got_i = topk_retrieval(q, g16, NG, chunk_size=16, sub_chunk=8, query_terms=terms)
+        errors[terms] = np.abs(np.asarray(got_s) - np.take_along_axis(exact, np.asarray(got_i), 1)).max()
+    assert errors[2] < 2e-6 < 1e-4 < errors[1] < 1e-2, errors
+
+
 def test_bfloat16_gallery():
     q, g = _normal_data(2)
     g16 = jnp.asarray(g, jnp.bfloat16)
@@ -102,3 +127,19 @@ def test_bad_k():
         topk_retrieval(q, g, NG + 1)
     with pytest.raises(ValueError):
         topk_numpy(q, g, 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_search_memory_is_bounded_by_the_chunk_not_the_gallery(dtype):
+    """Compiled temp memory (nothing runs) stays a small fraction of the gallery: no upcast copy of it, in
+    particular none from XLA's CPU bf16 normalisation (see `retrieval._compiler_options`)."""
+    from idmr_jax.evaluation import retrieval
+
+    n, t, e = 20_000, 32, 64
+    query = jax.ShapeDtypeStruct((100, e), jnp.float32)
+    gallery = jax.ShapeDtypeStruct((n, t, e), dtype)
+    fn = retrieval._single_fn(jax.default_backend())
+    compiled = fn.lower(query, gallery, k=10, chunk_size=256, precision=jax.lax.Precision.HIGHEST, terms=2,
+                        sub=64).compile()
+    gallery_bytes = n * t * e * jnp.dtype(dtype).itemsize
+    assert compiled.memory_analysis().temp_size_in_bytes < 0.05 * gallery_bytes

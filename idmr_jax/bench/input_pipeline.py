@@ -45,11 +45,20 @@ def run(args: argparse.Namespace) -> dict:
     result = {"suite": "input", "machine": common.machine_info(), "step_config": args.step_config,
               "batch_size": int(config.data.batch_size)}
 
-    # The demo shards, built or reused (the step config's data source stays synthetic).
+    # The demo benchmark, built or reused (the step config's data source stays synthetic), converted into as many
+    # query shards as the largest worker count: each Grain worker reads whole shards.
+    import os
+
+    from data_prep import oacirr
+
+    workers = common.parse_ints(args.workers)
     shard_cfg = configs.load("demo")
     shard_cfg.data.demo_size, shard_cfg.data.demo_cache = args.demo_size, args.demo_cache
     demo.prepare(shard_cfg)
-    pipe = throughput.measure(shard_cfg.data.train_dir, common.parse_ints(args.workers),
+    cache = shard_cfg.data.demo_cache or demo.default_cache()
+    train_dir = os.path.join(cache, f"bench-input-{args.demo_size}-seed{shard_cfg.data.demo_seed}-{max(workers)}")
+    oacirr.convert(os.path.join(cache, "benchmark"), "Demo", "train", train_dir, num_shards=max(max(workers), 1))
+    pipe = throughput.measure(train_dir, workers,
                               batch_size=int(config.data.batch_size), examples=args.examples,
                               image_size=image_size, patch=image_size // gh, read_threads=args.read_threads)
     result["pipeline"] = pipe

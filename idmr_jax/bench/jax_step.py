@@ -47,6 +47,7 @@ class JaxStep:
     batch: dict
     local_batch: dict
     vit_cache: bool = False
+    pixel_batch: dict | None = None  # the host batch with pixels (== local_batch unless vit_cache)
 
     def run(self):
         with shd.axis_rules(self.mesh, self.rules):
@@ -156,7 +157,7 @@ def _build(config: ml_collections.ConfigDict, devices: int | None, vit_cache: bo
         batch_sh = batch_shardings(mesh, rules, local)
         batch = global_batch(local, batch_sh)
     step = JaxStep(config=config, task=task, mesh=mesh, rules=rules, graphdef=graphdef, state=state,
-                   step_fn=None, batch=batch, local_batch=local, vit_cache=vit_cache)
+                   step_fn=None, batch=batch, local_batch=local, vit_cache=vit_cache, pixel_batch=local)
     loss_fn = task.bind_mesh(mesh)
     if vit_cache:
         if not config.model.freeze_vision:

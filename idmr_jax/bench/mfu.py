@@ -7,6 +7,9 @@
   cross-checked against XLA's cost analysis of the compiled step (which also counts elementwise work);
 * attainable peak: the best median FLOP/s of a large square jitted matmul at the model's compute dtype, measured
   in the same run (several sizes; the largest that fits the time budget wins on most machines);
+* on CPU in float32 the same matmuls through NumPy's BLAS as a second measured peak
+  (``utilisation_vs_best_peak`` uses the higher of the two); step and peak reps alternate, so both see the same
+  machine state;
 * ``utilisation = (model FLOPs / median step time) / measured peak``; on an accelerator also against the
   vendor's dense bf16 peak (``vendor_peak_flops``), the number MaxText-style MFU tables use.
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from typing import Any
 
 from idmr_jax.bench import common
 
@@ -46,19 +51,34 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2)
 
 
-def matmul_peak(sizes, dtype: str, *, reps: int, warmup: int) -> dict:
-    """Median FLOP/s of an ``n x n @ n x n`` jitted matmul for each n; ``best`` is the attainable peak."""
+def matmul_calls(sizes, dtype: str) -> dict[str, dict[int, Callable[[], Any]]]:
+    """Zero-argument calls of an ``n x n @ n x n`` product per size: ``{"xla": {n: call}}`` (jitted, synced), and
+    on CPU in float32 also ``{"numpy_blas": {n: call}}`` (NumPy's BLAS: a different library, a second opinion
+    on the CPU's peak)."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
-    rows = []
+    calls: dict[str, dict[int, Callable[[], Any]]] = {"xla": {}}
+    mm = jax.jit(lambda x, y: x @ y)
     for n in sizes:
         ka, kb = jax.random.split(jax.random.key(n))
         a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
         b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
-        f = jax.jit(lambda x, y: x @ y)
-        s = common.summarize(common.time_calls(lambda: f(a, b), warmup=warmup, reps=reps,
-                                               sync=jax.block_until_ready))
+        calls["xla"][n] = lambda a=a, b=b: jax.block_until_ready(mm(a, b))
+    if jax.default_backend() == "cpu" and dtype == "float32":
+        calls["numpy_blas"] = {}
+        for n in sizes:
+            rng = np.random.default_rng(n)
+            a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+            calls["numpy_blas"][n] = lambda a=a, b=b: a @ b
+    return calls
+
+
+def _peak_summary(times: dict[int, list[float]], dtype: str) -> dict:
+    rows = []
+    for n, ts in times.items():
+        s = common.summarize(ts)
         rows.append({"n": n, "flops_per_s": 2 * n ** 3 / s["median_s"], **s})
     return {"dtype": dtype, "sizes": rows, "best_flops_per_s": max(r["flops_per_s"] for r in rows)}
 
@@ -92,19 +112,35 @@ def run(args: argparse.Namespace) -> dict:
     result["flops"] = {"analytic": analytic, "xla_cost_analysis_per_device": xla,
                        "xla_over_analytic": xla * js.mesh.size / analytic["total"] if xla else None}
 
-    times = common.time_calls(js.run, warmup=args.warmup, reps=args.reps, sync=js.sync)
-    step = common.summarize(times)
-    step["examples_per_s"] = js.batch_size / step["median_s"]
-    result["step"] = step
-
     cpu = jax.default_backend() == "cpu"
     sizes = common.parse_ints(args.peak_sizes) if args.peak_sizes else ([1024, 2048] if cpu else [4096, 8192])
     dtype = str(mc.blip2.vision.dtype) if hasattr(mc.blip2.vision, "dtype") else "float32"
-    peak = matmul_peak(sizes, dtype, reps=args.reps, warmup=args.warmup)
+    calls = matmul_calls(sizes, dtype)
+    # Step and peak reps alternate, so both see the same machine (a shared or throttled host drifts over minutes).
+    step_times, peak_times = [], {lib: {n: [] for n in sizes} for lib in calls}
+    for _ in range(args.warmup):
+        js.sync(js.run())
+        for lib in calls.values():
+            for f in lib.values():
+                f()
+    for _ in range(args.reps):
+        step_times += common.time_calls(js.run, warmup=0, reps=1, sync=js.sync)
+        for name, lib in calls.items():
+            for n, f in lib.items():
+                peak_times[name][n] += common.time_calls(f, warmup=0, reps=1)
+    step = common.summarize(step_times)
+    step["examples_per_s"] = js.batch_size / step["median_s"]
+    result["step"] = step
+
+    peak = _peak_summary(peak_times["xla"], dtype)
     result["peak"] = peak
     achieved = analytic["total"] / step["median_s"] / js.mesh.size  # per device, as the peak
     result["achieved_flops_per_s_per_device"] = achieved
     result["utilisation"] = achieved / peak["best_flops_per_s"]
+    if "numpy_blas" in peak_times:
+        result["peak_numpy_blas"] = _peak_summary(peak_times["numpy_blas"], "float32")
+        best = max(peak["best_flops_per_s"], result["peak_numpy_blas"]["best_flops_per_s"])
+        result["utilisation_vs_best_peak"] = achieved / best
     if xla:
         result["utilisation_xla_flops"] = xla / step["median_s"] / peak["best_flops_per_s"]
     vp = None if cpu else vendor_peak(jax.devices()[0].device_kind)

@@ -1,13 +1,14 @@
 """``retrieval``: query -> gallery top-k with AdaFocal's max-over-tokens similarity, against NumPy.
 
     python -m idmr_jax.bench retrieval [--sizes=1e3,1e4,1e5,1e6] [--queries=1000] [--k=50] [--tokens=32]
-        [--dim=256] [--dtype=bfloat16] [--chunk=1024] [--query-chunk=0] [--numpy-max=1e5]
-        [--numpy-ref-max=1e3] [--shard] [--reps=3] [--out=F.json]
+        [--dim=256] [--dtype=bfloat16] [--query-terms=2] [--chunk=1024] [--sub-chunk=0] [--query-chunk=0]
+        [--numpy-max=1e5] [--numpy-ref-max=1e3] [--shard] [--reps=3] [--out=F.json]
 
 Synthetic L2-normalised features: queries ``[Nq, dim]`` float32, gallery ``[N, tokens, dim]`` in ``--dtype``
 (built on the device chunk by chunk into a donated buffer, so it never exists twice; 10^6 x 32 x 256 in bfloat16
 is 16 GiB). The JAX side is `idmr_jax.evaluation.retrieval.topk_retrieval` (chunked running top-k; ``--shard``
-splits the gallery over every device). Per size: time (median and spread of ``--reps`` runs after a warm-up of
+splits the gallery over every device; a bf16 gallery is multiplied in bf16 against a query split into
+``--query-terms`` bf16 parts, with float32 accumulation). Per size: time (median and spread of ``--reps`` runs after a warm-up of
 one run; sizes above ``--large`` run ``--large-reps`` times without one) and the process's peak resident memory
 (CPU; the allocator's peak on accelerators).
 
@@ -37,7 +38,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16", help="gallery storage dtype (scores are float32)")
-    p.add_argument("--chunk", type=int, default=1024, help="gallery items scored per step (per device)")
+    p.add_argument("--query-terms", type=int, default=2,
+                   help="bf16 parts of the query for a bf16 gallery (2: float32-query accuracy; 1: faster)")
+    p.add_argument("--chunk", type=int, default=1024, help="gallery items per top-k merge (per device)")
+    p.add_argument("--sub-chunk", type=int, default=0, help="gallery items per matrix product (0: 4096 // tokens)")
     p.add_argument("--query-chunk", type=int, default=0,
                    help="queries per block (0: all at once; blocks re-read the gallery, ~35%% slower on CPU)")
     p.add_argument("--numpy-max", type=float, default=1e5, help="largest size for the BLAS NumPy baseline")
@@ -109,7 +113,8 @@ def run(args: argparse.Namespace) -> dict:
     query = _queries(nq, args.dim, args.seed)
     result = {"suite": "retrieval", "machine": common.machine_info(),
               "setup": {"queries": nq, "k": k, "tokens": args.tokens, "dim": args.dim, "dtype": args.dtype,
-                        "chunk": args.chunk, "query_chunk": qc, "sharded_over": mesh.size if mesh else 1},
+                        "query_terms": args.query_terms, "chunk": args.chunk, "sub_chunk": args.sub_chunk or None,
+                        "query_chunk": qc, "sharded_over": mesh.size if mesh else 1},
               "process_rss_bytes_at_start": common.host_memory().get("rss_bytes"), "sizes": []}
 
     for n in common.parse_ints(args.sizes):
@@ -120,7 +125,8 @@ def run(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         gallery = make_gallery(n, args.tokens, args.dim, dtype, seed=args.seed, sharding=sharding)
         row["build_s"] = time.perf_counter() - t0
-        search = functools.partial(topk_retrieval, k=min(k, n), chunk_size=args.chunk, query_chunk=qc, mesh=mesh)
+        search = functools.partial(topk_retrieval, k=min(k, n), chunk_size=args.chunk, query_chunk=qc, mesh=mesh,
+                                   query_terms=args.query_terms, sub_chunk=args.sub_chunk or None)
 
         large = n > args.large
         row["reps_note"] = "no warm-up run (compilation included)" if large else "after one warm-up run"

@@ -176,9 +176,10 @@ def jax_eval_loss(jstep) -> float:
         return float(jax.jit(loss)(jstep.state.params, jstep.state.frozen, jstep.batch))
 
 
-def parity(jstep, tstep: BaselineStep) -> dict:
+def parity(jstep, tstep: BaselineStep, torch_batch: dict | None = None) -> dict:
     """Both sides' losses on the same weights and batch with dropout off; a large difference means the two
-    steps do not compute the same function and their timings are not comparable."""
+    steps do not compute the same function and their timings are not comparable. `torch_batch` (default: the
+    JAX side's host batch) lets torch run the ViT on pixels while JAX reads cached ViT tokens."""
     lj = jax_eval_loss(jstep)
-    lt = tstep.eval_loss(tstep.batch(jstep.local_batch))
+    lt = tstep.eval_loss(tstep.batch(jstep.local_batch if torch_batch is None else torch_batch))
     return {"loss_jax": lj, "loss_torch": lt, "abs_diff": abs(lj - lt)}

@@ -33,8 +33,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    "by `python -m idmr_jax.bench` before JAX starts)")
     p.add_argument("--steps-per-rep", type=int, default=1,
                    help="consecutive steps per timed rep (JAX syncs once per rep, as the trainer does)")
-    p.add_argument("--vit-cache", action="store_true",
-                   help="both sides read cached frozen-ViT features instead of running the ViT (recipe-allowed)")
+    p.add_argument("--vit-cache", choices=["none", "both", "jax"], default="none",
+                   help="which side reads cached frozen-ViT features instead of running the ViT every step (the "
+                   "recipe freezes the ViT and does not augment, so this changes no number): none, both (same "
+                   "work on both sides), jax (JAX caches, torch runs the ViT every step as the PyTorch "
+                   "implementations do)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
 
@@ -70,10 +73,10 @@ def run(args: argparse.Namespace) -> dict:
     result = {"suite": "train_step", "config": args.config, "machine": common.machine_info()}
 
     t0 = time.perf_counter()
-    js = jax_step.build(config, devices=args.devices, vit_cache=args.vit_cache)
+    js = jax_step.build(config, devices=args.devices, vit_cache=args.vit_cache != "none")
     result["build_s"] = time.perf_counter() - t0
     result["model"] = jax_step.describe(config, js)
-    result["model"]["vit_cache"] = bool(args.vit_cache)
+    result["model"]["vit_cache"] = args.vit_cache
     bs = js.batch_size
 
     ts = None
@@ -84,8 +87,9 @@ def run(args: argparse.Namespace) -> dict:
 
         threads = args.threads or os.cpu_count()
         ts = torch_baseline.from_jax(js, threads=threads)
-        tbatch = ts.batch(js.local_batch)
-        result["parity"] = torch_baseline.parity(js, ts)
+        host_batch = js.pixel_batch if args.vit_cache == "jax" else js.local_batch
+        tbatch = ts.batch(host_batch)
+        result["parity"] = torch_baseline.parity(js, ts, host_batch)
         result["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads(),
                            "attn_implementation": ts.attn_implementation, "optimizer": ts.optimizer_impl,
                            "trainable_params": ts.num_trainable()}

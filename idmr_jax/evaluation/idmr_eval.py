@@ -11,7 +11,6 @@ Outputs: ``WORKDIR/eval/metrics.json`` (flat ``{"R@1": ..., "R_ID@1": ..., "avg"
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -21,6 +20,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
+from idmr_jax.evaluation import metrics as metrics_lib
 from idmr_jax.evaluation.retrieval import topk_retrieval
 
 KS = (1, 5, 10)
@@ -74,11 +74,8 @@ def rank(query: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
 def write(workdir: epath.Path, metrics: dict, rankings: list[dict]) -> None:
     if jax.process_index() != 0:
         return
-    out = epath.Path(workdir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({k: float(v) for k, v in metrics.items()}, indent=2,
-                                                 sort_keys=True) + "\n")
-    (out / "rankings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rankings))
+    metrics_lib.write_metrics(workdir, metrics)
+    metrics_lib.write_rankings(workdir, rankings)
 
 
 def _blocks(n: int, size: int, make):

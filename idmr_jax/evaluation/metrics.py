@@ -151,20 +151,27 @@ def ranking_records(
 
 
 def write_metrics(workdir: str | os.PathLike, metrics: Mapping[str, float]) -> str:
-    """Writes ``WORKDIR/eval/metrics.json`` (a flat JSON object, values in percent); returns its path."""
-    path = os.path.join(os.fspath(workdir), "eval", "metrics.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({k: float(v) for k, v in metrics.items()}, f, indent=2, sort_keys=True)
-        f.write("\n")
-    return path
+    """Writes ``WORKDIR/eval/metrics.json`` (a flat JSON object, values in percent); returns its path.
+
+    `workdir` may be local or remote (``gs://...``): the write goes through etils.epath. Callers on a multi-host
+    run write from process 0 only.
+    """
+    out = _eval_dir(workdir) / "metrics.json"
+    out.write_text(json.dumps({k: float(v) for k, v in metrics.items()}, indent=2, sort_keys=True) + "\n")
+    return os.fspath(out)
 
 
 def write_rankings(workdir: str | os.PathLike, rankings: Iterable[Mapping]) -> str:
-    """Writes ``WORKDIR/eval/rankings.jsonl``, one JSON record per query (see :func:`ranking_records`)."""
-    path = os.path.join(os.fspath(workdir), "eval", "rankings.jsonl")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        for rec in rankings:
-            f.write(json.dumps(dict(rec)) + "\n")
-    return path
+    """Writes ``WORKDIR/eval/rankings.jsonl``, one JSON record per query (see :func:`ranking_records`); local or
+    remote `workdir`, as :func:`write_metrics`."""
+    out = _eval_dir(workdir) / "rankings.jsonl"
+    out.write_text("".join(json.dumps(dict(rec)) + "\n" for rec in rankings))
+    return os.fspath(out)
+
+
+def _eval_dir(workdir: str | os.PathLike):
+    from etils import epath
+
+    out = epath.Path(workdir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    return out

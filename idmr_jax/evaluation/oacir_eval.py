@@ -11,14 +11,12 @@ whole mesh and the features come back replicated, so every process ends with the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -133,11 +131,8 @@ def write_outputs(workdir, per_subset: dict, records: Iterable[dict]) -> dict:
     the flat metrics (on every process)."""
     flat = metrics_lib.aggregate(per_subset)
     if jax.process_index() == 0:
-        out = epath.Path(workdir) / "eval"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(
-            json.dumps({k: float(v) for k, v in flat.items()}, indent=2, sort_keys=True) + "\n")
-        (out / "rankings.jsonl").write_text("".join(json.dumps(dict(r)) + "\n" for r in records))
+        metrics_lib.write_metrics(workdir, flat)
+        metrics_lib.write_rankings(workdir, records)
     return flat
 
 

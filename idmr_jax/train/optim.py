@@ -24,7 +24,9 @@ from flax import nnx
 
 
 def lr_schedule(cfg: ml_collections.ConfigDict, peak: float, total_steps: int) -> optax.Schedule:
-    """Learning-rate schedule by name: constant, warmup_cosine or onecycle (PyTorch OneCycleLR semantics)."""
+    """Learning-rate schedule by name: constant, warmup_cosine, warmup_linear (transformers'
+    ``get_linear_schedule_with_warmup``: 0 -> peak over the warm-up, then linearly to 0 at the last step, as the
+    IDMR / VLM2Vec scripts train) or onecycle (PyTorch OneCycleLR semantics)."""
     kind = cfg.schedule
     warmup = int(cfg.get("warmup_steps", 0))
     if kind == "constant":
@@ -34,11 +36,17 @@ def lr_schedule(cfg: ml_collections.ConfigDict, peak: float, total_steps: int) -
         return optax.constant_schedule(peak)
     if kind == "warmup_cosine":
         return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), max(total_steps, warmup + 1))
+    if kind == "warmup_linear":
+        decay = optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))
+        if not warmup:
+            return decay
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
     if kind == "onecycle":
         initial = peak / float(cfg.div_factor)
         return onecycle_schedule(initial, peak, initial / float(cfg.final_div_factor), total_steps,
                                  float(cfg.pct_start))
-    raise ValueError(f"unknown optim.schedule {kind!r}; use constant, warmup_cosine or onecycle")
+    raise ValueError(f"unknown optim.schedule {kind!r}; use constant, warmup_cosine, warmup_linear or "
+                     "onecycle")
 
 
 def _cos_anneal(start: float, end: float, step: jax.Array, begin: float, finish: float) -> jax.Array:

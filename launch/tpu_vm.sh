@@ -36,6 +36,7 @@ Options:
   --repo URL [--branch REF]   setup: git clone URL (at REF) on every worker instead of copying
   --config FILE[:ARGS]        run: the config, e.g. configs/oacir.py or configs/oacir.py:paper
   --workdir DIR               run: checkpoints, metrics and results; must be gs://... on a multi-host slice
+                              (default: gs://$IDMR_GCS_BUCKET/idmr_jax/NAME when IDMR_GCS_BUCKET is set)
   --extra-flags "..."         run: more idmr_jax.main flags, split on whitespace
                               (e.g. "--config.train.num_steps=1000"); flags after `--` are passed as they are
   --worker N|all              logs: which worker (default all)
@@ -251,7 +252,17 @@ case $CMD in
 
   run)
     [[ -n $CONFIG ]] || die "missing --config (e.g. configs/oacir.py)"
-    [[ -n $WORKDIR ]] || die "missing --workdir (e.g. gs://BUCKET/run)"
+    if [[ -z $WORKDIR ]]; then
+      # Default: gs://$IDMR_GCS_BUCKET/idmr_jax/NAME. A dry run without a bucket shows a placeholder instead.
+      if [[ -n ${IDMR_GCS_BUCKET:-} ]]; then
+        WORKDIR="gs://${IDMR_GCS_BUCKET#gs://}/idmr_jax/$NAME"
+      elif [[ $DRY_RUN == 1 ]]; then
+        WORKDIR="gs://BUCKET/idmr_jax/$NAME"
+        echo "# no --workdir and no IDMR_GCS_BUCKET: showing the placeholder $WORKDIR" >&2
+      else
+        die "missing --workdir (e.g. gs://BUCKET/run), or set IDMR_GCS_BUCKET for gs://\$IDMR_GCS_BUCKET/idmr_jax/$NAME"
+      fi
+    fi
     if [[ $WORKDIR != gs://* ]] && [[ -z $HOSTS || $HOSTS -gt 1 ]]; then
       die "--workdir must be a gs:// path on a multi-host slice ($TYPE has ${HOSTS:-an unknown number of} hosts):" \
         "every host writes its shards of each checkpoint and must read all of them back to resume, so all" \

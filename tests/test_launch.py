@@ -150,7 +150,6 @@ def test_tpu_hosts_and_default_runtime(acc, hosts, version):
     (["create", "--name", "n", "--accelerator-type", "v4-8"], "missing --zone"),
     (["create", "--name", "n", "--zone", "z"], "missing --accelerator-type"),
     (["run", *V4_16, "--workdir", "gs://b/r"], "missing --config"),
-    (["run", *V4_16, "--config", "configs/oacir.py"], "missing --workdir"),
     (["delete", *BASE, "--bogus"], "unknown option"),
     (["delete", "--name"], "--name needs a value"),
     (["logs", *V4_16, "--worker", "2"], "out of range"),
@@ -161,6 +160,21 @@ def test_tpu_usage_errors(args, message):
     assert proc.returncode != 0
     assert message in proc.stderr and "Usage:" in proc.stderr
     assert proc.stdout.count("gcloud") == 0
+
+
+def test_tpu_run_default_workdir():
+    """The issue's acceptance command has no --workdir: a dry run shows a gs:// placeholder, IDMR_GCS_BUCKET gives
+    the real default, and a real run without either stops before any gcloud call."""
+    cmd = ["run", *V4_16, "--config", "configs/oacir.py"]
+    out = tpu("--dry-run", *cmd)
+    (line,) = gcloud_lines(out.stdout)
+    assert flag(line, "--worker") == "all"
+    assert "--workdir=gs://BUCKET/idmr_jax/test" in flag(line, "--command")
+    assert "placeholder" in out.stderr
+    out = tpu("--dry-run", *cmd, env=_clean_env(IDMR_GCS_BUCKET="gs://my-bucket"))
+    assert "--workdir=gs://my-bucket/idmr_jax/test" in flag(gcloud_lines(out.stdout)[0], "--command")
+    proc = tpu(*cmd, check=False, env=_clean_env(PATH="/usr/bin:/bin"))
+    assert proc.returncode == 2 and "missing --workdir" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_tpu_help():

@@ -4,7 +4,8 @@
 
 The pipeline is the trainer's (`idmr_jax.data.oacir_pipeline.train_iterator`: ArrayRecord read, JPEG decode,
 TargetPad/resize/crop/normalise, box mask, tokenisation, batching), measured by `idmr_jax.data.throughput` on the
-demo's real-photo shards (built once into the cache by `idmr_jax.data.demo`). The consumption rate is the median
+demo's real photos (the benchmark built once into the demo cache by `data_prep.demo_bench`, converted into one
+query shard per worker). The consumption rate is the median
 examples/s of the jitted train step at ``--step-config`` (the CPU demo config by default) on synthetic batches of
 the same shapes. ``headroom = pipeline examples/s / step examples/s``: above 1 the input is not the bottleneck.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from idmr_jax.bench import common
 
@@ -34,6 +36,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     import jax
 
+    from data_prep import demo_bench, oacirr
     from idmr_jax.bench import configs, jax_step
     from idmr_jax.data import demo, throughput
     from idmr_jax.models.adafocal import grid
@@ -47,17 +50,12 @@ def run(args: argparse.Namespace) -> dict:
 
     # The demo benchmark, built or reused (the step config's data source stays synthetic), converted into as many
     # query shards as the largest worker count: each Grain worker reads whole shards.
-    import os
-
-    from data_prep import oacirr
-
     workers = common.parse_ints(args.workers)
-    shard_cfg = configs.load("demo")
-    shard_cfg.data.demo_size, shard_cfg.data.demo_cache = args.demo_size, args.demo_cache
-    demo.prepare(shard_cfg)
-    cache = shard_cfg.data.demo_cache or demo.default_cache()
-    train_dir = os.path.join(cache, f"bench-input-{args.demo_size}-seed{shard_cfg.data.demo_seed}-{max(workers)}")
-    oacirr.convert(os.path.join(cache, "benchmark"), "Demo", "train", train_dir, num_shards=max(max(workers), 1))
+    d = configs.load("demo").data
+    cache = args.demo_cache or demo.default_cache()
+    root = demo_bench.build_demo_benchmark(os.path.join(cache, "benchmark"), seed=d.demo_seed, size=args.demo_size)
+    train_dir = os.path.join(cache, f"bench-input-{args.demo_size}-seed{d.demo_seed}-{max(workers)}")
+    oacirr.convert(root, "Demo", "train", train_dir, num_shards=max(max(workers), 1))
     pipe = throughput.measure(train_dir, workers,
                               batch_size=int(config.data.batch_size), examples=args.examples,
                               image_size=image_size, patch=image_size // gh, read_threads=args.read_threads)

@@ -112,7 +112,17 @@ class _CachedVision(nnx.Module):
         return VisionOutput(tokens=tokens, grid=self.grid)
 
 
-def cached_vit_loss(loss_fn, grid: tuple[int, int]):
+def step_loss(task, mesh, vit_cache: bool):
+    """The task's loss bound to `mesh`; with `vit_cache`, on batches that hold the frozen ViT's tokens."""
+    loss_fn = task.bind_mesh(mesh)
+    if not vit_cache:
+        return loss_fn
+    from idmr_jax.models.adafocal import grid
+
+    return _cached_vit_loss(loss_fn, grid(task.model_config))
+
+
+def _cached_vit_loss(loss_fn, grid: tuple[int, int]):
     """`loss_fn` (the task's) on a batch holding ViT tokens: the model's ViT is replaced by the identity inside
     the traced step only (the merged model is the step's own copy) and the tokens go where the pixels went."""
 
@@ -158,7 +168,6 @@ def _build(config: ml_collections.ConfigDict, devices: int | None, vit_cache: bo
         batch = global_batch(local, batch_sh)
     step = JaxStep(config=config, task=task, mesh=mesh, rules=rules, graphdef=graphdef, state=state,
                    step_fn=None, batch=batch, local_batch=local, vit_cache=vit_cache, pixel_batch=local)
-    loss_fn = task.bind_mesh(mesh)
     if vit_cache:
         if not config.model.freeze_vision:
             raise ValueError("cached ViT features need a frozen ViT (config.model.freeze_vision)")
@@ -169,11 +178,9 @@ def _build(config: ml_collections.ConfigDict, devices: int | None, vit_cache: bo
         with shd.axis_rules(mesh, rules):
             batch = global_batch(local, batch_sh)
         step.batch, step.local_batch = batch, local
-        from idmr_jax.models.adafocal import grid
-
-        loss_fn = cached_vit_loss(loss_fn, grid(task.model_config))
     with shd.axis_rules(mesh, rules):
-        step.step_fn = make_train_step(graphdef, loss_fn, optimizer, schedules, state_sh, batch_sh)
+        step.step_fn = make_train_step(graphdef, step_loss(task, mesh, vit_cache), optimizer, schedules, state_sh,
+                                       batch_sh)
     return step
 
 

@@ -161,12 +161,9 @@ def jax_eval_loss(jstep) -> float:
     twin.model.caam.dropout = 0.0
     task = configs.make_task(twin)
     graphdef, _, _ = split_model(nnx.eval_shape(task.build_model), task.frozen_patterns)
-    loss_fn = task.bind_mesh(jstep.mesh)
-    if jstep.vit_cache:
-        from idmr_jax.bench.jax_step import cached_vit_loss
-        from idmr_jax.models.adafocal import grid
+    from idmr_jax.bench.jax_step import step_loss
 
-        loss_fn = cached_vit_loss(loss_fn, grid(task.model_config))
+    loss_fn = step_loss(task, jstep.mesh, jstep.vit_cache)
 
     def loss(params, frozen, batch):
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, frozen))

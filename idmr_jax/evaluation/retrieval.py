@@ -108,8 +108,7 @@ def _block_scores(qs, block, terms, precision):
         rows = rows.astype(jnp.float32)
     s = jax.lax.dot_general(rows, qs, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32)
-    s = s.reshape(c, t, terms, -1)
-    return s.sum(axis=2).max(axis=1) if terms > 1 else s[:, :, 0].max(axis=1)
+    return s.reshape(c, t, terms, -1).sum(axis=2).max(axis=1)
 
 
 def _chunk_scores(qs, chunk, terms, precision, sub):

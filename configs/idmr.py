@@ -125,7 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e = c.eval = ml_collections.ConfigDict()
     e.at_end = True
     e.batch_size = 64
-    e.query_crop = "auto"  # auto | other_image | same_image (see idmr_jax.data.idmr_pipeline.build_eval_set)
+    e.query_crop = "auto"  # auto | other_image | same_image (see idmr_jax.tasks.idmr.pipeline.build_eval_set)
     e.max_queries = 0
 
     # ---------------------------------------------------------------- sharding

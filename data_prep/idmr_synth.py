@@ -22,7 +22,7 @@ per reason. Every source annotation is accounted for: ``counts.instances.total =
 
 Output in ``--out`` (local folder, one synthesis per folder):
 
-- ``train-IIIII-of-NNNNN.array_record`` and, with ``--val-fraction``, ``val-...``: one `idmr_jax.data.triplets`
+- ``train-IIIII-of-NNNNN.array_record`` and, with ``--val-fraction``, ``val-...``: one `idmr_jax.tasks.idmr.records`
   record per kept instance, in source order (images, then annotations);
 - ``manifest.json``: tool, schema, arguments, source description, counts, per-shard records/sha256;
 - ``report.json``: counts per skip reason, every bad-input entry, the filtered annotation ids per reason, CLIP
@@ -74,7 +74,7 @@ from data_prep.shards import (
     write_json_atomic,
     write_shards,
 )
-from idmr_jax.data import triplets
+from idmr_jax.tasks.idmr import records as triplets
 
 MANIFEST, REPORT = "manifest.json", "report.json"
 SPLIT_MODES = ("image", "instance", "category")
@@ -262,7 +262,7 @@ def synthesize(loaded: Loaded, out: str | os.PathLike, *, options: SynthOptions 
             "strict": options.strict}
     manifest = {
         "tool": {"name": "data_prep.idmr_synth", "version": TOOL_VERSION},
-        "record_schema": {"module": "idmr_jax.data.triplets", "version": triplets.SCHEMA_VERSION},
+        "record_schema": {"module": "idmr_jax.tasks.idmr.records", "version": triplets.SCHEMA_VERSION},
         "writer_options": WRITER_OPTIONS,
         "source": {**loaded.describe, "name": loaded.name, **_annotation_digest(loaded)},
         "args": args,

@@ -98,7 +98,7 @@ def build_converted(root: str, out: str, *, num_shards: int = 4, gallery_shards:
 
 def pipeline_config(train_dir: str = "", *, batch_size: int = 4, num_workers: int = 0, shuffle_seed: int = 0,
                     val_dir: str = "", **extra):
-    """The ``config.data`` fields `idmr_jax.data.oacir_pipeline.train_iterator` reads (cf. configs/oacir.py)."""
+    """The ``config.data`` fields `idmr_jax.tasks.oacir.pipeline.train_iterator` reads (cf. configs/oacir.py)."""
     import ml_collections
 
     c = ml_collections.ConfigDict()

@@ -18,7 +18,7 @@ from configs import oacir
 from idmr_jax.data.boxes import box_to_patch_mask
 from idmr_jax.models import adafocal as af
 from idmr_jax.models.crm import ContextualReasoningModule, CRMConfig
-from idmr_jax.tasks.adafocal import AdaFocalTask, model_config
+from idmr_jax.tasks.oacir.task import AdaFocalTask, model_config
 from idmr_jax.train.state import split_model
 
 VOCAB = 128  # a small vocabulary keeps the tiny model's init cheap; nothing here depends on it

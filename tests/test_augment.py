@@ -3,7 +3,7 @@
 import numpy as np
 
 from idmr_jax.data.boxes import box_to_patch_mask
-from idmr_jax.data.oacir_pipeline import Augment
+from idmr_jax.tasks.oacir.pipeline import Augment
 
 
 def _element():

@@ -99,7 +99,7 @@ def _abstract_export(config_arg: str):
     """Export names / shapes / dtypes of a model built from abstract arrays only (ViT-g is never allocated)."""
     from flax import nnx
 
-    from idmr_jax.tasks.adafocal import model_config
+    from idmr_jax.tasks.oacir.task import model_config
 
     cfg = model_config(oacir.get_config(config_arg).model)
     flat = flatten_params(nnx.state(workdir.build_abstract("adafocal", cfg), nnx.Param))
@@ -138,7 +138,7 @@ def test_vector_and_baseline_variants():
 
 
 def test_models_without_an_official_class_are_refused():
-    from idmr_jax.tasks.adafocal import model_config
+    from idmr_jax.tasks.oacir.task import model_config
     from idmr_jax.weights.workdir import ModelSource
 
     demo = model_config(oacir.get_config("demo").model)  # EfficientNet-Lite0 vision encoder

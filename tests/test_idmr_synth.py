@@ -21,7 +21,7 @@ from PIL import Image
 from data_prep import idmr_synth
 from data_prep.idmr import captions, geometry
 from data_prep.idmr.sources import demo_coco, load_coco
-from idmr_jax.data import triplets
+from idmr_jax.tasks.idmr import records as triplets
 
 CATEGORIES = ["person", "flag", "cup", "spoon", "saucer", "cat", "rocket", "coin"]
 CAT = {name: i + 1 for i, name in enumerate(CATEGORIES)}

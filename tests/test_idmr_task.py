@@ -14,8 +14,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from idmr_jax.data import idmr_pipeline as pipe
-from idmr_jax.data import triplets
+from idmr_jax.tasks.idmr import pipeline as pipe
+from idmr_jax.tasks.idmr import records as triplets
 from idmr_jax.losses.contrastive import infonce_dense
 from idmr_jax.sharding import make_mesh
 
@@ -85,7 +85,7 @@ def test_eval_set_pairs_crops_across_images_of_an_instance():
 
 
 def test_recalls_count_target_and_instance_hits():
-    from idmr_jax.evaluation.idmr_eval import recalls
+    from idmr_jax.tasks.idmr.evaluate import recalls
 
     rankings = np.array([[1, 0, 2], [2, 1, 0]])  # query 0 wants image 0, query 1 image 1: both second
     m = recalls(rankings, [0, 1], ["a", "b"], [["a"], ["a"], ["b"]], ks=(1, 5), id_ks=(1,))
@@ -147,7 +147,7 @@ def test_full_recipe_trains_lora_only_with_fsdp_rules():
     """configs/idmr.py (no keyword), abstractly: Qwen2-7B-sized LM + CLIP-L/14-336; only the LoRA factors train,
     exactly PEFT's r=8 count on all seven projections, and the MLP kernels shard over the fsdp axis."""
     from idmr_jax import sharding
-    from idmr_jax.tasks.idmr import IdmrTask
+    from idmr_jax.tasks.idmr.task import IdmrTask
 
     cfg = _config("")
     cfg.model.init.format = ""  # no checkpoint in a test: the sizes come from the config
@@ -171,7 +171,7 @@ def test_gradcache_loss_equals_plain_loss_with_hard_negatives():
     """The task's loss through GradCache (2 chunks over 8 devices) = without it, value and gradients; and both
     equal InfoNCE over the embeddings computed directly (in-batch + one hard-negative column per query). The
     vision tower is frozen, so its features are computed once outside GradCache (`embed_from_features`)."""
-    from idmr_jax.tasks.idmr import IdmrTask, embed_from_features
+    from idmr_jax.tasks.idmr.task import IdmrTask, embed_from_features
     from idmr_jax.train.state import split_model
 
     cfg = _config("tiny")
@@ -214,7 +214,7 @@ def test_lora_dropout_in_scanned_layers_gradcache_matches_autodiff():
     """The IDMR recipe's path: scanned LM layers with LoRA (dropout 0.3) trained alone; the dropout key reseeds the
     stacked RNG state per chunk, identically in both GradCache passes (vs. the same chunks under plain autodiff)."""
     from idmr_jax.losses import gradcache
-    from idmr_jax.tasks.idmr import IdmrTask, _encode
+    from idmr_jax.tasks.idmr.task import IdmrTask, _encode
 
     cfg = _config("tiny")
     cfg.model.text.scan = True
@@ -255,7 +255,7 @@ def test_lora_dropout_in_scanned_layers_gradcache_matches_autodiff():
 
 @pytest.mark.slow
 def test_tiny_config_trains_through_the_shared_trainer(tmp_path):
-    from idmr_jax.tasks.idmr import IdmrTask
+    from idmr_jax.tasks.idmr.task import IdmrTask
     from idmr_jax.train import trainer
 
     cfg = _config("tiny,fsdp=2")  # 4-way data x 2-way FSDP: sharded params under GradCache

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from idmr_jax.evaluation import metrics as M
+from idmr_jax.tasks.oacir import metrics as M
 from idmr_jax.evaluation.retrieval import topk_numpy
 
 NAMES = ["a0", "a1", "a2", "b0", "b1", "c0"]

@@ -23,7 +23,8 @@ import pytest
 from PIL import Image
 
 import oacirr_fixtures as fx
-from idmr_jax.data import boxes, image_ops, oacir_pipeline, records, text
+from idmr_jax.data import boxes, image_ops, records, text
+from idmr_jax.tasks.oacir import pipeline as oacir_pipeline
 
 SIZE, GRID = 56, (4, 4)  # the tiny EVA of configs/oacir.py:tiny (56 px, patch 14); see the geometry test
 SPEC = oacir_pipeline.ImageSpec(size=SIZE, grid=GRID)
@@ -178,7 +179,7 @@ RESUME_SCRIPT = textwrap.dedent('''
 
     def main():
         import oacirr_fixtures as fx
-        from idmr_jax.data import oacir_pipeline
+        from idmr_jax.tasks.oacir import pipeline as oacir_pipeline
 
         train_dir, progress, total, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
         spec = oacir_pipeline.ImageSpec(size=56, grid=(4, 4))
@@ -246,7 +247,7 @@ def test_kill_and_resume_sees_the_uninterrupted_sequence(train, tmp_path):
 
 def test_adafocal_task_geometry_matches_the_pipeline():
     from configs import oacir
-    from idmr_jax.tasks.adafocal import model_config
+    from idmr_jax.tasks.oacir.task import model_config
 
     spec = oacir_pipeline.image_spec(model_config(oacir.get_config("tiny").model))
     assert (spec.size, spec.grid) == (SIZE, GRID)
@@ -257,8 +258,8 @@ def test_adafocal_task_geometry_matches_the_pipeline():
 @pytest.mark.slow
 def test_eval_on_val_shards_writes_outputs(tmp_path):
     from configs import oacir
-    from idmr_jax.evaluation import oacir_shards
-    from idmr_jax.tasks.adafocal import AdaFocalTask
+    from idmr_jax.tasks.oacir import eval_shards as oacir_shards
+    from idmr_jax.tasks.oacir.task import AdaFocalTask
 
     val = fx.build_converted(str(tmp_path / "raw"), str(tmp_path / "val"), split="val", num_queries=24,
                              num_instances=8, num_shards=2, gallery_shards=2)

@@ -12,7 +12,7 @@ from flax import nnx
 
 from configs import oacir
 from idmr_jax.models import adafocal as af
-from idmr_jax.tasks.adafocal import AdaFocalTask
+from idmr_jax.tasks.oacir.task import AdaFocalTask
 from idmr_jax.train import optim
 from idmr_jax.train.state import split_model
 

@@ -97,8 +97,9 @@ def test_metric_writer_resumes_on_object_store(gcs):
 
 
 def test_eval_outputs_and_result_grid_on_object_store(gcs):
-    from idmr_jax.data.oacir_pipeline import ImageSpec
-    from idmr_jax.evaluation import oacir_eval, visualize
+    from idmr_jax.tasks.oacir.pipeline import ImageSpec
+    from idmr_jax.tasks.oacir import evaluate as oacir_eval
+    from idmr_jax.tasks.oacir import visualize
 
     records = [{"query_id": "q0", "subset": "fake", "ranking": ["g1", "g0"]}]
     flat = oacir_eval.write_outputs(RUN, {"fake": {"R_ID@1": 50.0, "R@1": 25.0, "R@5": 75.0}}, records)
@@ -129,7 +130,7 @@ def test_eval_outputs_and_result_grid_on_object_store(gcs):
 def test_only_process_zero_writes(gcs, monkeypatch):
     import jax
 
-    from idmr_jax.evaluation import oacir_eval
+    from idmr_jax.tasks.oacir import evaluate as oacir_eval
     from idmr_jax.train.metric_writer import MetricWriter
 
     monkeypatch.setattr(jax, "process_index", lambda: 1)
@@ -142,7 +143,7 @@ def test_only_process_zero_writes(gcs, monkeypatch):
 
 
 def test_shard_listing_on_object_store(gcs):
-    from idmr_jax.data import oacir_pipeline
+    from idmr_jax.tasks.oacir import pipeline as oacir_pipeline
 
     folder = epath.Path("gs://bucket/data/train")
     folder.mkdir(parents=True)

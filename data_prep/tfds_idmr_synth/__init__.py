@@ -10,7 +10,7 @@
 The builder re-packs an existing synthesis output folder (its manifest and triplet shards, passed as the TFDS
 ``manual_dir``); the synthesis itself stays in `data_prep.idmr_synth`, where the skip report, caches and resume
 live. Splits are the synthesis' ``train`` / ``val``; examples keep the synthesis order (``disable_shuffling``).
-Features mirror `idmr_jax.data.triplets` (``crop`` / ``image``: JPEG `Image` features; ``box`` / ``crop_box``:
+Features mirror `idmr_jax.tasks.idmr.records` (``crop`` / ``image``: JPEG `Image` features; ``box`` / ``crop_box``:
 float32 pixels of the stored full image; ``clip_score``: NaN when the synthesis ran without the CLIP filter).
 """
 
@@ -22,7 +22,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from idmr_jax.data import triplets
+from idmr_jax.tasks.idmr import records as triplets
 
 _TEXT_FIELDS = ("caption", "category", "instance_id", "annotation_id", "image_id", "source", "captioner")
 

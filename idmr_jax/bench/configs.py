@@ -99,7 +99,7 @@ def load(name: str, *, dtype: str | None = None, batch_size: int | None = None, 
 
 def model_config(config: ml_collections.ConfigDict) -> AdaFocalConfig:
     """The trainer's AdaFocalConfig for `config`, with ``model.vision.overrides`` applied to the ViT."""
-    from idmr_jax.tasks.adafocal import model_config as trainer_model_config
+    from idmr_jax.tasks.oacir.task import model_config as trainer_model_config
 
     mc = trainer_model_config(config.model)
     overrides = dict(config.model.vision.get("overrides", None) or {})
@@ -113,8 +113,8 @@ def model_config(config: ml_collections.ConfigDict) -> AdaFocalConfig:
 
 
 def make_task(config: ml_collections.ConfigDict):
-    """An :class:`~idmr_jax.tasks.adafocal.AdaFocalTask` whose model follows :func:`model_config`."""
-    from idmr_jax.tasks.adafocal import AdaFocalTask
+    """An :class:`~idmr_jax.tasks.oacir.task.AdaFocalTask` whose model follows :func:`model_config`."""
+    from idmr_jax.tasks.oacir.task import AdaFocalTask
 
     task = AdaFocalTask(config)
     task.model_config = model_config(config)

@@ -2,7 +2,7 @@
 
     python -m idmr_jax.bench input [--workers=0,1,2] [--step-config=demo] [--examples=512] [--out=F.json]
 
-The pipeline is the trainer's (`idmr_jax.data.oacir_pipeline.train_iterator`: ArrayRecord read, JPEG decode,
+The pipeline is the trainer's (`idmr_jax.tasks.oacir.pipeline.train_iterator`: ArrayRecord read, JPEG decode,
 TargetPad/resize/crop/normalise, box mask, tokenisation, batching), measured by `idmr_jax.data.throughput` on the
 demo's real photos (the benchmark built once into the demo cache by `data_prep.demo_bench`, converted into one
 query shard per worker). The consumption rate is the median
@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> dict:
 
     from data_prep import demo_bench, oacirr
     from idmr_jax.bench import configs, jax_step
-    from idmr_jax.data import demo, throughput
+    from idmr_jax.data import throughput
+    from idmr_jax.tasks.oacir import demo
     from idmr_jax.models.adafocal import grid
 
     config = configs.load(args.step_config, device_count=jax.device_count())

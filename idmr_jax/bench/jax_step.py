@@ -2,7 +2,7 @@
 
 Nothing here re-implements the trainer: the state comes from `idmr_jax.train.state.create_train_state`, the step
 from `make_train_step` with the task's loss (`AdaFocalTask.loss_fn`), the optimiser from the config's recipe, and
-the batch from the synthetic source (`idmr_jax.data.fake`) placed on the mesh once, so a timing covers the
+the batch from the synthetic source (`idmr_jax.tasks.oacir.fake`) placed on the mesh once, so a timing covers the
 update alone (the `input` suite measures the data side).
 
 Cached ViT features (``vit_cache=True``): the recipe freezes the ViT and trains without augmentation, so each
@@ -24,7 +24,7 @@ from flax import nnx
 
 from idmr_jax import sharding as shd
 from idmr_jax.bench import configs
-from idmr_jax.data import fake
+from idmr_jax.tasks.oacir import fake
 from idmr_jax.train import optim
 from idmr_jax.train.state import batch_shardings, create_train_state, make_train_step, split_model
 from idmr_jax.train.trainer import global_batch

@@ -4,7 +4,7 @@
         [--image-size 224] [--patch 14] [--read-threads 2]
 
 ``DIR`` is a converted train folder (`python -m data_prep.oacirr ... --split train`). For each worker count the
-pipeline of `idmr_jax.data.oacir_pipeline.train_iterator` is built fresh; the first batch (worker start-up, file
+pipeline of `idmr_jax.tasks.oacir.pipeline.train_iterator` is built fresh; the first batch (worker start-up, file
 opening, tokenizer loading) is timed separately as ``startup_s`` and excluded, then at least ``--examples``
 examples are drawn and timed. Nothing runs on an accelerator: this is the host-side cost per example, the number
 to compare with the trainer's ``examples_per_s``. Prints one JSON object and returns it from `measure`.
@@ -25,7 +25,7 @@ def measure(shards: str, workers: Sequence[int] = (0, 1, 2), *, batch_size: int 
     """Examples/s of the train pipeline over `shards` for each worker count in `workers` (see module doc)."""
     import ml_collections
 
-    from idmr_jax.data import oacir_pipeline
+    from idmr_jax.tasks.oacir import pipeline as oacir_pipeline
 
     spec = oacir_pipeline.ImageSpec(size=image_size, grid=(image_size // patch, image_size // patch))
     results = []

@@ -8,11 +8,11 @@ import ml_collections
 def build(config: ml_collections.ConfigDict):
     """The task named by ``config.task``."""
     if config.task == "adafocal":
-        from idmr_jax.tasks.adafocal import AdaFocalTask
+        from idmr_jax.tasks.oacir.task import AdaFocalTask
 
         return AdaFocalTask(config)
     if config.task == "idmr":
-        from idmr_jax.tasks.idmr import IdmrTask
+        from idmr_jax.tasks.idmr.task import IdmrTask
 
         return IdmrTask(config)
     raise ValueError(f"unknown task {config.task!r}")

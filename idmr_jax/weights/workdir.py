@@ -4,7 +4,7 @@ A training workdir holds Orbax checkpoints ``WORKDIR/checkpoints/<step>/`` (see 
 with the items ``state`` (a ``TrainState``: step, trainable ``params``, ``frozen`` params and RNG variables,
 ``opt_state``, ``rng``), ``config`` (the resolved ml_collections config as JSON) and ``data`` (the iterator).
 :func:`restore` takes either the workdir (its latest step) or one step directory, rebuilds the model config
-from the saved config (``idmr_jax.tasks.adafocal.model_config``) and reads only the model params: the
+from the saved config (``idmr_jax.tasks.oacir.task.model_config``) and reads only the model params: the
 optimiser state is never read. Every param of the rebuilt model must be in the checkpoint with the same
 shape, or the error names it. Paths may be local or ``gs://`` (etils.epath).
 """
@@ -91,7 +91,7 @@ def model_config_of(config: ml_collections.ConfigDict) -> tuple[str, Any]:
     task = config.get("task")
     if task != "adafocal":
         raise ValueError(f"config.task is {task!r}; only 'adafocal' training checkpoints can be read")
-    from idmr_jax.tasks.adafocal import model_config
+    from idmr_jax.tasks.oacir.task import model_config
 
     return "adafocal", model_config(config.model)
 

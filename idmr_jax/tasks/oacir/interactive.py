@@ -26,10 +26,11 @@ from flax import nnx
 from PIL import Image, ImageDraw
 
 from idmr_jax import sharding as shd
-from idmr_jax.data import image_ops, oacir_pipeline, records, text
+from idmr_jax.data import image_ops, records, text
+from idmr_jax.tasks.oacir import pipeline as oacir_pipeline
 from idmr_jax.data.boxes import box_to_patch_mask
-from idmr_jax.evaluation import visualize
-from idmr_jax.evaluation.oacir_eval import FeatureEncoder
+from idmr_jax.tasks.oacir import visualize
+from idmr_jax.tasks.oacir.evaluate import FeatureEncoder
 
 GREY = (150, 150, 150)
 

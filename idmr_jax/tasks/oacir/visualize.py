@@ -11,7 +11,7 @@ from etils import epath
 from PIL import Image, ImageDraw
 
 from idmr_jax.data import image_ops
-from idmr_jax.data.oacir_pipeline import decode_image
+from idmr_jax.tasks.oacir.pipeline import decode_image
 
 THUMB = 160
 GREEN, YELLOW, RED, BOX = (40, 170, 60), (230, 190, 20), (210, 40, 40), (255, 40, 200)

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from idmr_jax import sharding as shd
-from idmr_jax.evaluation import metrics as metrics_lib
+from idmr_jax.tasks.oacir import metrics as metrics_lib
 from idmr_jax.evaluation.retrieval import topk_retrieval
 
 
@@ -138,7 +138,7 @@ def write_outputs(workdir, per_subset: dict, records: Iterable[dict]) -> dict:
 
 def evaluate_fake(model, spec, config: ml_collections.ConfigDict, workdir) -> dict:
     """The protocol on the synthetic pool: gallery = every target, queries = every example."""
-    from idmr_jax.data import fake
+    from idmr_jax.tasks.oacir import fake
 
     pool = fake.make_pool(spec)
     mesh = shd.make_mesh(dict(config.sharding.mesh))
@@ -156,6 +156,6 @@ def evaluate_fake(model, spec, config: ml_collections.ConfigDict, workdir) -> di
 
 def evaluate_arrayrecord(model, config, model_config, workdir) -> dict:
     """The protocol on converted OACIRR val shards; ``config.data.val_dir`` lists folders, comma-separated."""
-    from idmr_jax.evaluation import oacir_shards
+    from idmr_jax.tasks.oacir import eval_shards as oacir_shards
 
     return oacir_shards.evaluate(model, config, model_config, workdir)

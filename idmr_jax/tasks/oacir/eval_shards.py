@@ -13,9 +13,11 @@ from absl import logging
 from etils import epath
 
 from idmr_jax import sharding as shd
-from idmr_jax.data import image_ops, oacir_pipeline, records, text
+from idmr_jax.data import image_ops, records, text
+from idmr_jax.tasks.oacir import pipeline as oacir_pipeline
 from idmr_jax.data.boxes import box_to_patch_mask, perturb_box
-from idmr_jax.evaluation import oacir_eval, visualize
+from idmr_jax.tasks.oacir import evaluate as oacir_eval
+from idmr_jax.tasks.oacir import visualize
 
 
 class GalleryPixels(grain.transforms.Map):

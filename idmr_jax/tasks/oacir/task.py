@@ -10,7 +10,7 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from idmr_jax.data import fake
+from idmr_jax.tasks.oacir import fake
 from idmr_jax.losses.contrastive import global_infonce
 from idmr_jax.models import adafocal
 from idmr_jax.models.blip2 import Blip2Config
@@ -60,7 +60,7 @@ class AdaFocalTask:
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         if config.data.source == "demo":
-            from idmr_jax.data import demo
+            from idmr_jax.tasks.oacir import demo
 
             demo.prepare(config)  # builds/reuses the real-photo benchmark and its shards
         self.model_config = model_config(config.model)
@@ -78,7 +78,7 @@ class AdaFocalTask:
 
     def load_pretrained(self, state, mesh):
         """Initial weights from ``config.model.init`` and packaged vision weights (none: the random init)."""
-        from idmr_jax.tasks import pretrained
+        from idmr_jax.tasks.oacir import pretrained
 
         return pretrained.load_into_state(state, self, mesh)
 
@@ -113,14 +113,14 @@ class AdaFocalTask:
         d = self.config.data
         if d.source == "fake":
             return fake.FakeIterator(self._fake_spec(), d.batch_size, jax.process_index(), jax.process_count())
-        from idmr_jax.data import oacir_pipeline
+        from idmr_jax.tasks.oacir import pipeline as oacir_pipeline
 
         return oacir_pipeline.train_iterator(self.config, self.model_config)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: adafocal.AdaFocal, workdir: epath.Path, step: int) -> dict:
         """OACIR protocol; writes WORKDIR/eval/{metrics.json, rankings.jsonl, *.png}."""
-        from idmr_jax.evaluation import oacir_eval
+        from idmr_jax.tasks.oacir import evaluate as oacir_eval
 
         if self.config.data.source == "fake":
             return oacir_eval.evaluate_fake(model, self._fake_spec(), self.config, workdir)

@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from idmr_jax.evaluation import metrics as metrics_lib
+from idmr_jax.tasks.oacir import metrics as metrics_lib
 from idmr_jax.evaluation.retrieval import topk_retrieval
 
 KS = (1, 5, 10)
@@ -89,7 +89,7 @@ def evaluate(task, model, workdir: epath.Path) -> dict:
     embedder = Embedder(model, int(cfg.eval.batch_size))
     bs = embedder.batch_size
     if cfg.data.source == "fake":
-        from idmr_jax.data.idmr_fake import eval_arrays
+        from idmr_jax.tasks.idmr.fake import eval_arrays
 
         a = eval_arrays(task.fake_spec())
         take = lambda p: lambda rows: {k: a[f"{p}_{k}"][list(rows)] for k in ("pixels", "ids", "mask")}  # noqa: E731
@@ -101,7 +101,7 @@ def evaluate(task, model, workdir: epath.Path) -> dict:
         g_names = [f"image_{i:05d}" for i in range(len(g))]
         q_names = [f"query_{i:05d}" for i in range(len(q))]
     else:
-        from idmr_jax.data import idmr_pipeline as P
+        from idmr_jax.tasks.idmr import pipeline as P
 
         es = P.eval_set_from_shards(os.path.join(cfg.data.val_dir, cfg.data.val_glob), query_crop=cfg.eval.query_crop,
                                     max_queries=cfg.eval.max_queries)

@@ -1,6 +1,6 @@
 """Grain pipeline over IDMR triplet shards (`data_prep.idmr_synth`), prompts with expanded image tokens, eval sets.
 
-Training example (one triplet record, `idmr_jax.data.triplets`)::
+Training example (one triplet record, `idmr_jax.tasks.idmr.records`)::
 
     query      = instance crop          + QUERY_TEMPLATE.format(caption=the record's location caption)
     candidate  = the full image         + CANDIDATE_TEMPLATE
@@ -20,7 +20,7 @@ bicubic resize, CLIP normalisation.
 demo benchmark; this is the IDMR-bench evaluation setting). ``other_image`` reads every training record once at
 start-up to index instances, so it is meant for small sets; records without a partner keep their own crop.
 
-Order and resumption are as in `idmr_jax.data.oacir_pipeline` (per-process share, per-epoch reshuffle, the
+Order and resumption are as in `idmr_jax.tasks.oacir.pipeline` (per-process share, per-epoch reshuffle, the
 iterator state saved with each checkpoint); the partner choice is a Grain ``RandomMap``, so it is reproducible.
 """
 
@@ -36,8 +36,9 @@ import grain
 import numpy as np
 from PIL import Image
 
-from idmr_jax.data import image_ops, records, triplets
-from idmr_jax.data.oacir_pipeline import _Iterator, _RecordReader, ensure_flags_parsed, process_share
+from idmr_jax.data import image_ops, records
+from idmr_jax.tasks.idmr import records as triplets
+from idmr_jax.tasks.oacir.pipeline import _Iterator, _RecordReader, ensure_flags_parsed, process_share
 
 IMAGE_PLACEHOLDER = "<image>"
 QUERY_TEMPLATE = "<image>\n Find an image that contains this object in the described scene: {caption}"

@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from idmr_jax.data.idmr_pipeline import PromptSpec, assemble
+from idmr_jax.tasks.idmr.pipeline import PromptSpec, assemble
 
 
 @dataclasses.dataclass(frozen=True)

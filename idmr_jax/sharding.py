@@ -57,6 +57,16 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[jax.Devic
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(sizes), devices=devices)
 
 
+def mesh_from_config(config) -> Mesh:
+    """The mesh of ``config.sharding.mesh`` over all devices."""
+    return make_mesh(dict(config.sharding.mesh))
+
+
+def rules_from_config(config) -> tuple[tuple[str, Any], ...]:
+    """The logical axis rules of ``config.sharding.rules`` as a tuple of (logical name, mesh axes) pairs."""
+    return tuple(tuple(r) for r in config.sharding.rules)
+
+
 def logical_to_pspec(axes: Sequence[str | None] | None, rules: Rules) -> PartitionSpec:
     """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once per spec."""
     if axes is None:

@@ -35,9 +35,9 @@ def build_layout(root: str, *, variant: str = "Fashion", split: str = "train", n
     landscape/portrait so TargetPad is exercised both ways. Query ``q`` uses instance ``q % num_instances``,
     reference ``j`` and target ``j + 1`` (mod `per_instance`); every `no_box_every`-th query has no box.
     """
-    from data_prep import oacirr
+    from idmr_jax.tasks.oacir import release
 
-    img_dir, anno_dir = oacirr.VARIANTS[variant]
+    img_dir, anno_dir = release.VARIANTS[variant]
     img_root = os.path.join(root, img_dir)
     for sub in ("quadruple_captions", "image_splits", "image_bounding_box"):
         os.makedirs(os.path.join(root, anno_dir, sub), exist_ok=True)
@@ -86,11 +86,11 @@ def build_layout(root: str, *, variant: str = "Fashion", split: str = "train", n
 
 
 def build_converted(root: str, out: str, *, num_shards: int = 4, gallery_shards: int = 2, **layout) -> dict:
-    """`build_layout` then `data_prep.oacirr.convert` (strict: nothing may be skipped) into `out`."""
-    from data_prep import oacirr
+    """`build_layout` then `idmr_jax.tasks.oacir.release.convert` (strict: nothing may be skipped) into `out`."""
+    from idmr_jax.tasks.oacir import release
 
     info = build_layout(root, **layout)
-    result = oacirr.convert(root, info["variant"], info["split"], out, num_shards=num_shards,
+    result = release.convert(root, info["variant"], info["split"], out, num_shards=num_shards,
                             gallery_shards=gallery_shards, strict=True)
     assert result.manifest["counts"]["queries"] == len(info["captions"])
     return {**info, "out": out, "manifest": result.manifest}

@@ -18,7 +18,7 @@ from configs import oacir
 from idmr_jax.data.boxes import box_to_patch_mask
 from idmr_jax.models import adafocal as af
 from idmr_jax.models.crm import ContextualReasoningModule, CRMConfig
-from idmr_jax.tasks.oacir.task import AdaFocalTask, model_config
+from idmr_jax.tasks.oacir.task import OacirTask, model_config
 from idmr_jax.train.state import split_model
 
 VOCAB = 128  # a small vocabulary keeps the tiny model's init cheap; nothing here depends on it
@@ -78,8 +78,8 @@ def inputs(base):
     mask = np.ones((B, T), np.int32)
     mask[1, 4:] = 0
     ids[1, 4:] = 0
-    boxes = np.stack([box_to_patch_mask([3, 2, 30, 25], GRID, IMAGE),     # 2x3 patches
-                      box_to_patch_mask([30, 30, 56, 56], GRID, IMAGE)])  # the bottom-right 2x2 patches
+    boxes = np.stack([box_to_patch_mask([3, 2, 30, 25], GRID, IMAGE, patch=14),     # 2x3 patches
+                      box_to_patch_mask([30, 30, 56, 56], GRID, IMAGE, patch=14)])  # the bottom-right 2x2 patches
     assert embeds.shape == (B, N, base.cfg.blip2.vision.width)
     assert boxes.sum(1).tolist() == [6, 4] and not boxes[:, 0].any()
     return embeds, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(boxes)
@@ -308,7 +308,7 @@ ABLATIONS = ["", "baseline", "fixed_beta=0.5", "vector", "crm=mlp", "crm=avgpool
 def test_ablation_keyword_builds_and_runs(arg, base, inputs):
     embeds, ids, mask, boxes = inputs
     config = tiny_config(arg)
-    task = AdaFocalTask(config)
+    task = OacirTask(config)
     cfg = task.model_config
     model = build(cfg)
     q, beta = model.query_features(embeds, ids, mask, boxes)

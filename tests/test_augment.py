@@ -10,7 +10,7 @@ def _element():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(56, 56, 3)).astype(np.float32)
     return {"ref_pixels": ref, "tgt_pixels": rng.normal(size=(56, 56, 3)).astype(np.float32),
-            "box_mask": box_to_patch_mask([0, 0, 14, 28], (4, 4), (56, 56)), "input_ids": np.arange(4)}
+            "box_mask": box_to_patch_mask([0, 0, 14, 28], (4, 4), (56, 56), patch=14), "input_ids": np.arange(4)}
 
 
 def test_flip_moves_the_mask_with_the_image():

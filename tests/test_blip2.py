@@ -12,7 +12,7 @@ from flax import nnx
 from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
 from idmr_jax.models.blip2 import Blip2, blip2_config
-from idmr_jax.weights import blip2_names as bn
+from idmr_jax.weights.blip2 import names as bn
 from idmr_jax.weights.mapping import WeightMismatchError, flatten_params
 
 TOL = 1e-4

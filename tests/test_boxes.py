@@ -37,29 +37,68 @@ def _released_rule(box, g=16, p=14):
     ],
 )
 def test_patch_mask_16x16(box, tokens):
-    mask = B.box_to_patch_mask(box)
+    mask = B.box_to_patch_mask(box, (16, 16), (224, 224), patch=14)
     assert mask.shape == (257,) and mask.dtype == np.float32
     assert _tokens(mask) == tokens
     np.testing.assert_array_equal(mask, _released_rule(box))
 
 
 def test_patch_mask_full_and_none():
-    full = B.box_to_patch_mask([0, 0, 224, 224])
-    assert full[0] == 0 and full[1:].sum() == 256
-    np.testing.assert_array_equal(B.box_to_patch_mask(None), np.zeros(257, np.float32))
+    for patch in (14, None):
+        full = B.box_to_patch_mask([0, 0, 224, 224], (16, 16), (224, 224), patch=patch)
+        assert full[0] == 0 and full[1:].sum() == 256
+        none = B.box_to_patch_mask(None, (16, 16), (224, 224), patch=patch)
+        np.testing.assert_array_equal(none, np.zeros(257, np.float32))
 
 
-def test_patch_mask_other_grids():
-    # 4x4 grid on 224 (patch 56): cols 0..ceil(120/56)=3, rows floor(60/56)=1..ceil(170/56)=4.
-    m = B.box_to_patch_mask([50, 60, 120, 170], grid=(4, 4), image_size=(224, 224))
+def test_patch_mask_scaled_grids():
+    """patch=None: grids that are not patch grids; the box is scaled to the grid."""
+    # 4x4 grid on 224 (cells of 56): cols 0..ceil(120/56)=3, rows floor(60/56)=1..ceil(170/56)=4.
+    m = B.box_to_patch_mask([50, 60, 120, 170], grid=(4, 4), image_size=(224, 224), patch=None)
     assert m.shape == (17,)
     assert _tokens(m) == [r * 4 + c + 1 for r in (1, 2, 3) for c in (0, 1, 2)]
-    # 2x3 grid on H=100, W=150 (50x50 patches): cols 1, 2 and row 0.
-    assert _tokens(B.box_to_patch_mask([60, 10, 140, 40], grid=(2, 3), image_size=(100, 150))) == [2, 3]
-    # 4x2 grid on 64x64 (patches 16 high, 32 wide): col 0, rows 1 and 2 -> tokens 1*2+1, 2*2+1.
-    assert _tokens(B.box_to_patch_mask([0, 20, 10, 40], grid=(4, 2), image_size=(64, 64))) == [3, 5]
-    # Non-integer patch (224/3): 75 is just past the first border 74.67 -> cols 1 and 2.
-    assert _tokens(B.box_to_patch_mask([75, 0, 224, 10], grid=(3, 3), image_size=(224, 224))) == [2, 3]
+    # 2x3 grid on H=100, W=150 (50x50 cells): cols 1, 2 and row 0.
+    assert _tokens(B.box_to_patch_mask([60, 10, 140, 40], grid=(2, 3), image_size=(100, 150), patch=None)) == [2, 3]
+    # 4x2 grid on 64x64 (cells 16 high, 32 wide): col 0, rows 1 and 2 -> tokens 1*2+1, 2*2+1.
+    assert _tokens(B.box_to_patch_mask([0, 20, 10, 40], grid=(4, 2), image_size=(64, 64), patch=None)) == [3, 5]
+    # Non-integer cells (224/3): 75 is just past the first border 74.67 -> cols 1 and 2.
+    assert _tokens(B.box_to_patch_mask([75, 0, 224, 10], grid=(3, 3), image_size=(224, 224), patch=None)) == [2, 3]
+    # The demo's EfficientNet: 224 px, stride-16 map 14x14; [20, 0, 40, 10] -> cols 1..ceil(2.5)=3, row 0.
+    assert _tokens(B.box_to_patch_mask([20, 0, 40, 10], grid=(14, 14), image_size=(224, 224), patch=None)) == [2, 3]
+
+
+# 230 px with patch 14: a 16x16 grid (230 // 14) of 14-px patches; the last 6 px belong to no patch.
+ODD_GRID, ODD_SIZE = (16, 16), (230, 230)
+
+
+@pytest.mark.parametrize(
+    "box, patch_tokens, scaled_tokens",
+    [
+        # cols 200//14=14 .. ceil(215/14)=16 -> 14, 15; scaled: floor(200*16/230)=13 .. ceil(215*16/230)=15 -> 13, 14.
+        ([200, 0, 215, 14], [15, 16], [14, 15]),
+        # Only the 6 px past the last patch: no patch (14*16 = 224 <= 225); scaled: col floor(225*16/230) = 15.
+        ([225, 0, 230, 5], [], [16]),
+        # rows 20//14=1 .. ceil(30/14)=3 -> 1, 2; scaled: floor(20*16/230)=1 .. ceil(30*16/230)=ceil(2.09)=3 -> 1, 2.
+        ([0, 20, 10, 30], [17, 33], [17, 33]),
+    ],
+)
+def test_patch_rule_and_scaled_rule_on_an_image_that_is_not_whole_patches(box, patch_tokens, scaled_tokens):
+    assert _tokens(B.box_to_patch_mask(box, ODD_GRID, ODD_SIZE, patch=14)) == patch_tokens
+    assert _tokens(B.box_to_patch_mask(box, ODD_GRID, ODD_SIZE, patch=None)) == scaled_tokens
+    # The patch rule is the released loop rule (x // p .. ceil(x2 / p)) at any size.
+    np.testing.assert_array_equal(B.box_to_patch_mask(box, ODD_GRID, ODD_SIZE, patch=14), _released_rule(box))
+
+
+def test_every_encoder_gets_its_rule():
+    """ViT specs rasterise with their patch, the demo's EfficientNet with the scaled rule (its numbers unchanged)."""
+    from configs import oacir
+    from idmr_jax.tasks.oacir.pipeline import image_spec
+    from idmr_jax.tasks.oacir.task import model_config
+
+    assert image_spec(model_config(oacir.get_config("tiny").model)).patch == 14
+    assert image_spec(model_config(oacir.get_config("").model)).patch == 14
+    demo = image_spec(model_config(oacir.get_config("demo").model))
+    assert (demo.size, demo.grid, demo.patch) == (224, (14, 14), None)
 
 
 def test_patch_mask_matches_released_rule_random():
@@ -67,11 +106,17 @@ def test_patch_mask_matches_released_rule_random():
     for _ in range(200):
         x1, x2 = sorted(rng.integers(0, 225, 2).tolist())
         y1, y2 = sorted(rng.integers(0, 225, 2).tolist())
-        np.testing.assert_array_equal(B.box_to_patch_mask([x1, y1, x2, y2]), _released_rule([x1, y1, x2, y2]))
+        mask = B.box_to_patch_mask([x1, y1, x2, y2], (16, 16), (224, 224), patch=14)
+        np.testing.assert_array_equal(mask, _released_rule([x1, y1, x2, y2]))
+        # 224 px is a whole number of patches: both rules agree.
+        np.testing.assert_array_equal(mask, B.box_to_patch_mask([x1, y1, x2, y2], (16, 16), (224, 224), patch=None))
 
 
-@pytest.mark.parametrize("grid, size", [((16, 16), (224, 224)), ((4, 6), (64, 90)), ((3, 3), (224, 224))])
-def test_batched_mask_matches_numpy_under_jit(grid, size):
+@pytest.mark.parametrize("grid, size, patch", [((16, 16), (224, 224), 14), ((16, 16), (224, 224), None),
+                                               ((4, 6), (64, 90), None), ((3, 3), (224, 224), None),
+                                               ((16, 16), (230, 230), 14), ((16, 16), (230, 230), None),
+                                               ((4, 6), (64, 90), 15)])
+def test_batched_mask_matches_numpy_under_jit(grid, size, patch):
     rng = np.random.default_rng(1)
     h, w = size
     n = 32
@@ -81,9 +126,9 @@ def test_batched_mask_matches_numpy_under_jit(grid, size):
     boxes[:8] = np.round(boxes[:8])  # integer boxes too, including exact patch borders
     valid = rng.random(n) < 0.8
     boxes[~valid] = np.nan  # ignored when invalid
-    fn = jax.jit(lambda b, v: B.box_to_patch_mask_batch(b, v, grid=grid, image_size=size))
+    fn = jax.jit(lambda b, v: B.box_to_patch_mask_batch(b, v, grid=grid, image_size=size, patch=patch))
     got = np.asarray(fn(boxes, valid))
-    want = np.stack([B.box_to_patch_mask(b if v else None, grid, size) for b, v in zip(boxes, valid)])
+    want = np.stack([B.box_to_patch_mask(b if v else None, grid, size, patch=patch) for b, v in zip(boxes, valid)])
     np.testing.assert_array_equal(got, want)
 
 

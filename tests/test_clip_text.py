@@ -14,7 +14,8 @@ from flax import nnx
 
 from idmr_jax.models import clip as clip_mod
 from idmr_jax.models.clip_text import CLIPTextTransformer
-from idmr_jax.weights import clip_names, mapping
+from idmr_jax.weights import clip as clip_weights
+from idmr_jax.weights import mapping
 from idmr_jax.weights.mapping import NameMap, WeightMismatchError
 
 TOL = 1e-4
@@ -63,7 +64,7 @@ def _pair(eos: int, tmp_path_factory):
         _randomise(hf, 3)
         folder = tmp_path_factory.mktemp(f"clip{eos}")
         hf.save_pretrained(folder)
-        model, cfg = clip_mod.load_hf_clip(folder)
+        model, cfg = clip_weights.load_hf_clip(folder)
         _PAIRS[eos] = hf, model, cfg, folder
     return _PAIRS[eos]
 
@@ -122,8 +123,8 @@ def test_eos_rules_pick_different_positions():
 def test_text_tower_scan_and_round_trip(pair_eot):
     hf, model, cfg, _ = pair_eot
     sd = {k: v.detach().numpy().copy() for k, v in hf.text_model.state_dict().items()}
-    name_map = NameMap(clip_names.hf_clip_text_rules(cfg.text))
-    flat = name_map.torch_to_flax(sd, ignore=clip_names.HF_CLIP_IGNORED)
+    name_map = NameMap(clip_weights.hf_clip_text_rules(cfg.text))
+    flat = name_map.torch_to_flax(sd, ignore=clip_weights.HF_CLIP_IGNORED)
     scanned = nnx.eval_shape(lambda: CLIPTextTransformer(dataclasses.replace(cfg.text, scan=True), rngs=nnx.Rngs(0)))
     mapping.load_into(scanned, flat)
     ids, mask = _text()
@@ -138,10 +139,10 @@ def test_text_tower_scan_and_round_trip(pair_eot):
 
 def test_full_map_round_trip_and_strict(pair_eot):
     hf, model, cfg, folder = pair_eot
-    from idmr_jax.weights import io
+    from idmr_jax.weights import torch_io
 
-    sd = io.load_torch_state_dict(folder)
-    name_map = clip_names.hf_clip_map(cfg)
+    sd = torch_io.load_torch_state_dict(folder)
+    name_map = clip_weights.hf_clip_map(cfg)
     back = name_map.flax_to_torch(mapping.flatten_params(model))
     assert set(back) == set(sd)
     for k, v in sd.items():

@@ -17,7 +17,8 @@ import torch
 import transformers
 
 from idmr_jax import convert
-from idmr_jax.weights import io
+from idmr_jax.weights import io, torch_io
+from idmr_jax.weights.blip2 import convert as blip2_convert
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,7 @@ def imported(hf_blip2, tmp_path_factory) -> Path:
 
 
 def _safetensors(path: Path) -> dict[str, np.ndarray]:
-    return io.load_torch_state_dict(path)
+    return torch_io.load_torch_state_dict(path)
 
 
 def _last_line_diff(stdout: str) -> float:
@@ -85,26 +86,26 @@ def test_torch_state_dict_formats_keep_dtypes(tmp_path):
     sd = {"a.weight": bf16, "b.bias": torch.arange(4, dtype=torch.int64), "c": torch.randn(2, 2)}
     # LAVIS-style training checkpoint: weights under "model", next to non-tensor entries.
     torch.save({"model": sd, "epoch": 3, "config": {"lr": 1e-5}}, tmp_path / "ckpt.pth")
-    got = io.load_torch_state_dict(tmp_path / "ckpt.pth")
+    got = torch_io.load_torch_state_dict(tmp_path / "ckpt.pth")
     assert got["a.weight"].dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(got["a.weight"].view(np.int16), bf16.view(torch.int16).numpy())
     np.testing.assert_array_equal(got["b.bias"], np.arange(4))
 
-    io.save_torch_state_dict(got, tmp_path / "st", {"model_type": "test"})
+    torch_io.save_torch_state_dict(got, tmp_path / "st", {"model_type": "test"})
     assert json.loads((tmp_path / "st" / "config.json").read_text()) == {"model_type": "test"}
-    back = io.load_torch_state_dict(tmp_path / "st")
+    back = torch_io.load_torch_state_dict(tmp_path / "st")
     assert set(back) == set(sd)
     for k in sd:
         assert back[k].dtype == got[k].dtype and back[k].tobytes() == got[k].tobytes(), k
-    assert io.load_torch_state_dict(tmp_path / "st", float_dtype=np.float32)["a.weight"].dtype == np.float32
-    assert io.safetensors_header(tmp_path / "st" / "model.safetensors")["__metadata__"] == {"format": "pt"}
+    assert torch_io.load_torch_state_dict(tmp_path / "st", float_dtype=np.float32)["a.weight"].dtype == np.float32
+    assert torch_io.safetensors_header(tmp_path / "st" / "model.safetensors")["__metadata__"] == {"format": "pt"}
 
 
 def test_sharded_safetensors_folder(tmp_path, hf_blip2):
     model = transformers.Blip2ForImageTextRetrieval.from_pretrained(hf_blip2)
     model.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    got, ref = io.load_torch_state_dict(tmp_path), _safetensors(hf_blip2)
+    got, ref = torch_io.load_torch_state_dict(tmp_path), _safetensors(hf_blip2)
     assert set(got) == set(ref)
     assert all(np.array_equal(got[k], ref[k]) for k in ref)
 
@@ -199,7 +200,7 @@ def test_verify_bfloat16_within_documented_tolerance(hf_blip2, capsys):
 
 
 def _folder_with(src: Path, dst: Path, sd: dict[str, np.ndarray]) -> Path:
-    io.save_torch_state_dict(sd, dst)
+    torch_io.save_torch_state_dict(sd, dst)
     shutil.copy(src / "config.json", dst / "config.json")
     return dst
 
@@ -273,7 +274,7 @@ def test_lavis_config_inferred_from_shapes(imported, tmp_path):
     lavis = tmp_path / "lavis"
     convert.export_checkpoint("lavis_blip2", imported, lavis)
     _, cfg, _ = io.restore_params(imported)
-    inferred = convert._infer_lavis_config(_safetensors(lavis))
+    inferred = blip2_convert.infer_lavis_config(_safetensors(lavis))
     # Head counts are not in the shapes (documented convention: width // 64); everything else is.
     expected = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, num_heads=1),
                                    qformer=dataclasses.replace(cfg.qformer, num_heads=1))

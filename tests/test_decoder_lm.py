@@ -16,7 +16,9 @@ from jax.sharding import PartitionSpec as P
 import idmr_jax  # noqa: F401  (sets flax config)
 from idmr_jax import sharding
 from idmr_jax.models import decoder_lm as D
-from idmr_jax.weights import io, lm_names, mapping
+from idmr_jax.models import rotary
+from idmr_jax.weights import decoder_lm as lm_weights
+from idmr_jax.weights import mapping, torch_io
 from idmr_jax.weights.mapping import WeightMismatchError
 
 TOL = 1e-4
@@ -59,9 +61,9 @@ def saved(tmp_path_factory):
 
 
 def _import(folder, **overrides) -> D.DecoderLM:
-    cfg = D.config_from_hf(io.read_hf_config(folder), **overrides)
+    cfg = lm_weights.config_from_hf(torch_io.read_hf_config(folder), **overrides)
     model = nnx.eval_shape(lambda: D.DecoderLM(cfg, rngs=nnx.Rngs(0)))
-    lm_names.load_hf_weights(model, io.load_torch_state_dict(folder), source=str(folder))
+    lm_weights.load_hf_weights(model, torch_io.load_torch_state_dict(folder), source=str(folder))
     return model
 
 
@@ -89,7 +91,7 @@ def test_matches_transformers_with_padding(saved, case):
     tmodel, folder = saved[case]
     model = _import(folder)
     if CASES[case][1]:  # tied: transformers does not save the head, and neither do we
-        assert "lm_head.weight" not in io.load_torch_state_dict(folder) and model.lm_head is None
+        assert "lm_head.weight" not in torch_io.load_torch_state_dict(folder) and model.lm_head is None
     for left in (False, True):
         ids, mask = _batch(left)
         with torch.no_grad():
@@ -117,7 +119,7 @@ def test_inputs_embeds_position_ids_and_score_tokens(saved):
     tmodel, folder = saved["llama"]
     model = _import(folder)
     ids, mask = _batch(True, seed=5)
-    pos = np.asarray(D.positions_from_mask(jnp.asarray(mask)))
+    pos = np.asarray(rotary.positions_from_mask(jnp.asarray(mask)))
     emb = model.embed(jnp.asarray(ids))
     h = model(inputs_embeds=emb, attention_mask=jnp.asarray(mask), position_ids=jnp.asarray(pos))
     with torch.no_grad():
@@ -177,7 +179,7 @@ def test_scan_equals_unscanned_and_remat_gradients(saved):
     np.testing.assert_allclose(float(v), float(want_v), rtol=1e-6)
     flat = mapping.flatten_params(g)
     assert flat["layers/self_attn/q_proj/kernel"].shape == (2, 64, 4, 24)  # stacked along "layers"
-    flat = mapping.unstack_from_model(flat, lm_names.decoder_lm_name_map(model.cfg))
+    flat = mapping.unstack_from_model(flat, lm_weights.decoder_lm_name_map(model.cfg))
     assert set(flat) == set(want)
     for k in want:
         np.testing.assert_allclose(flat[k], want[k], atol=1e-5, rtol=1e-5, err_msg=k)
@@ -187,18 +189,18 @@ def test_scan_equals_unscanned_and_remat_gradients(saved):
 def test_import_export_round_trip_is_bit_exact(saved, tmp_path, dtype):
     folder = tmp_path / "m"
     copy.deepcopy(saved["qwen2-tied"][0]).to(getattr(torch, dtype)).save_pretrained(folder)
-    sd = io.load_torch_state_dict(folder)
-    cfg = D.config_from_hf(io.read_hf_config(folder), param_dtype=dtype, scan=True)
+    sd = torch_io.load_torch_state_dict(folder)
+    cfg = lm_weights.config_from_hf(torch_io.read_hf_config(folder), param_dtype=dtype, scan=True)
     model = nnx.eval_shape(lambda: D.DecoderLM(cfg, rngs=nnx.Rngs(0)))
-    lm_names.load_hf_weights(model, sd)
-    out = lm_names.export_hf_state_dict(model, cfg)
+    lm_weights.load_hf_weights(model, sd)
+    out = lm_weights.export_hf_state_dict(model, cfg)
     assert set(out) == set(sd)
     bits = np.uint16 if dtype == "bfloat16" else np.uint32
     for k, v in sd.items():
         assert out[k].dtype == v.dtype and out[k].shape == v.shape, k
         np.testing.assert_array_equal(out[k].view(bits), v.view(bits), err_msg=k)
     # The exported folder (with our config.json) loads back into transformers with identical outputs.
-    io.save_torch_state_dict(out, tmp_path / "back", D.hf_config_dict(cfg))
+    torch_io.save_torch_state_dict(out, tmp_path / "back", lm_weights.hf_config_dict(cfg))
     ids = torch.arange(1, 9)[None]
     with torch.no_grad():
         logits = [transformers.AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32)(ids).logits.numpy()
@@ -208,20 +210,20 @@ def test_import_export_round_trip_is_bit_exact(saved, tmp_path, dtype):
 
 def test_strict_loading_errors(saved):
     tmodel, folder = saved["qwen2"]
-    sd = io.load_torch_state_dict(folder)
-    cfg = D.config_from_hf(io.read_hf_config(folder))
+    sd = torch_io.load_torch_state_dict(folder)
+    cfg = lm_weights.config_from_hf(torch_io.read_hf_config(folder))
     model = nnx.eval_shape(lambda: D.DecoderLM(cfg, rngs=nnx.Rngs(0)))
     with pytest.raises(WeightMismatchError, match="model.layers.1.mlp.up_proj.weight"):
-        lm_names.load_hf_weights(model, {k: v for k, v in sd.items() if "layers.1.mlp.up_proj" not in k})
+        lm_weights.load_hf_weights(model, {k: v for k, v in sd.items() if "layers.1.mlp.up_proj" not in k})
     with pytest.raises(WeightMismatchError, match="extra.weight"):
-        lm_names.load_hf_weights(model, {**sd, "extra.weight": np.zeros(3)})
+        lm_weights.load_hf_weights(model, {**sd, "extra.weight": np.zeros(3)})
     bad = dict(sd)
     bad["model.layers.0.self_attn.k_proj.weight"] = np.zeros((64, 64), np.float32)
     with pytest.raises(WeightMismatchError, match="k_proj"):
-        lm_names.load_hf_weights(model, bad)
+        lm_weights.load_hf_weights(model, bad)
     # The LLaVA layout: the same map under another prefix.
     llava = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v for k, v in sd.items()}
-    lm_names.load_hf_weights(model, llava, prefix="model.language_model.")
+    lm_weights.load_hf_weights(model, llava, prefix="model.language_model.")
 
 
 def test_config_translation():
@@ -229,21 +231,21 @@ def test_config_translation():
         family, tied, extra = CASES[case]
         cls = transformers.Qwen2Config if family == "qwen2" else transformers.LlamaConfig
         hf = cls(**_TINY, tie_word_embeddings=tied, **extra)
-        cfg = D.config_from_hf(hf)
+        cfg = lm_weights.config_from_hf(hf)
         assert (cfg.family, cfg.tie_word_embeddings, cfg.rope_theta, cfg.num_kv_heads) == (family, tied, 500.0, 2)
         assert cfg.dim_per_head == extra.get("head_dim", 16)
-        again = D.config_from_hf(cls(**D.hf_config_dict(cfg)).to_dict())
+        again = lm_weights.config_from_hf(cls(**lm_weights.hf_config_dict(cfg)).to_dict())
         assert again == cfg
     # transformers 4 style config.json: top-level rope_theta, rope_scaling.
     old = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                num_attention_heads=2, rope_theta=1e6, rms_norm_eps=1e-5)
-    assert D.config_from_hf(old).rope_theta == 1e6 and D.config_from_hf(old).num_kv_heads == 2
+    assert lm_weights.config_from_hf(old).rope_theta == 1e6 and lm_weights.config_from_hf(old).num_kv_heads == 2
     with pytest.raises(ValueError, match="rope type 'llama3' is not implemented"):
-        D.config_from_hf({**old, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+        lm_weights.config_from_hf({**old, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
     with pytest.raises(ValueError, match="sliding-window"):
-        D.config_from_hf({**old, "model_type": "qwen2", "use_sliding_window": True})
+        lm_weights.config_from_hf({**old, "model_type": "qwen2", "use_sliding_window": True})
     with pytest.raises(ValueError, match="hidden_act"):
-        D.config_from_hf({**old, "hidden_act": "gelu"})
+        lm_weights.config_from_hf({**old, "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="num_kv_heads"):
         D.DecoderLMConfig(num_heads=4, num_kv_heads=3)
 

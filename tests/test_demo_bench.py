@@ -1,4 +1,4 @@
-"""The real-photo demo benchmark (`data_prep.demo_bench`): determinism, splits, boxes, OACIRR format, texts,
+"""The real-photo demo benchmark (`idmr_jax.data.demo_bench`): determinism, splits, boxes, OACIRR format, texts,
 galleries and the build cache, all on the "tiny" size."""
 
 import json
@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import demo_bench as db
-from data_prep.demo import photos
+from data_prep import demo_bench as demo_bench_cli
+from idmr_jax.data.demo_bench import builder as db
+from idmr_jax.data.demo_bench import photos, texts
+from idmr_jax.data.demo_bench.plan import SPLITS, overlap_groups, plan_benchmark, render_image
 
 ANN = db.ANNOTATION_ROOT
 
@@ -43,29 +45,29 @@ def test_same_seed_is_byte_identical_and_another_seed_differs(built):
 
 def test_train_and_val_instances_are_disjoint():
     for size in ("tiny", "small"):
-        plan = db.plan_benchmark(0, size)
+        plan = plan_benchmark(0, size)
         by_split = defaultdict(set)
         for im in plan.images:
             by_split[im.split].add(im.instance)
         assert by_split["train"] and by_split["val"]
         assert not by_split["train"] & by_split["val"]
         # Objects cut from overlapping source boxes (a motorcycle and its wheel) stay on one side.
-        for group in db.overlap_groups(photos.INSTANCES):
+        for group in overlap_groups(photos.INSTANCES):
             assert len({im.split for im in plan.images if im.instance in {g.id for g in group}}) <= 1
         # No context shows a val object in its background.
         contexts = {c.id: c for c in photos.CONTEXTS}
         val = [i for i in photos.INSTANCES if i.id in by_split["val"]]
         for im in plan.images:
             assert not any(photos.context_shows(contexts[im.context], i) for i in val), im.name
-    small = db.plan_benchmark(0, "small")
+    small = plan_benchmark(0, "small")
     assert 20 <= len({im.instance for im in small.images}) <= 40 and len(small.pairs) >= 300
 
 
 def test_boxes_lie_inside_and_cover_the_pasted_pixels(built):
     root = built["a"]
     boxes = {**_load(root, "boxes", "train"), **_load(root, "boxes", "val")}
-    for spec in db.plan_benchmark(0, "tiny").images:
-        image, canvas, box = db.render_image(spec, "tiny")
+    for spec in plan_benchmark(0, "tiny").images:
+        image, canvas, box = render_image(spec, "tiny")
         h, w = image.shape[:2]
         x1, y1, x2, y2 = box
         assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h, (spec.name, box)
@@ -82,7 +84,7 @@ def test_boxes_lie_inside_and_cover_the_pasted_pixels(built):
 
 def test_oacirr_json_format(built):
     root = built["a"]
-    for split in db.SPLITS:
+    for split in SPLITS:
         caps, smap, boxes = (_load(root, k, split) for k in ("captions", "split", "boxes"))
         assert caps and set(boxes) == set(smap)
         for name, rel in smap.items():
@@ -108,7 +110,7 @@ def test_texts_are_non_empty_varied_and_true(built):
     found = [q["modification_text_mllm"] for q in caps]
     assert all(t.strip() for t in found)
     assert len(set(found)) >= 0.9 * len(found)
-    templates = {next(i for i, tpl in enumerate(db.texts.TEMPLATES) if t.startswith(tpl.split("{")[0]))
+    templates = {next(i for i, tpl in enumerate(texts.TEMPLATES) if t.startswith(tpl.split("{")[0]))
                  for t in found}
     assert len(templates) >= 4
     for q in caps:
@@ -141,6 +143,6 @@ def test_cache_is_reused_and_a_damaged_build_is_redone(tmp_path):
     victim.write_bytes(b"broken")
     db.build_demo_benchmark(tmp_path, seed=0, size="tiny")
     assert victim.read_bytes() == good
-    db.main(["--out", str(tmp_path), "--size", "tiny", "--seed", "1"])
+    demo_bench_cli.main(["--out", str(tmp_path), "--size", "tiny", "--seed", "1"])
     assert json.loads((root / db.BUILD_INFO).read_text())["seed"] == 1
     assert not (root / ".demo_build.tmp").exists()

@@ -22,7 +22,7 @@ from idmr_jax.models.efficientnet import (
 )
 from idmr_jax.models.vit import VisionOutput
 from idmr_jax.sharding import DEFAULT_RULES, make_mesh, state_shardings
-from idmr_jax.weights import efficientnet_names as names
+from idmr_jax.weights import efficientnet as names
 from idmr_jax.weights.mapping import WeightMismatchError
 from tests.torch_refs.efficientnet_lite import EfficientNetLiteRef
 

@@ -3,6 +3,7 @@ and the jax.export serving artifact, from a tiny model trained for 2 steps by ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,7 +16,11 @@ import pytest
 import torch
 
 from idmr_jax import convert
-from idmr_jax.weights import adafocal_names, io, workdir
+from idmr_jax.weights import adafocal as adafocal_weights
+from idmr_jax.weights import io, workdir
+from idmr_jax.weights.blip2 import convert as blip2_convert
+from idmr_jax.weights.blip2 import verify as blip2_verify
+from idmr_jax.weights.conversion import ConvertError, ExportOptions
 from idmr_jax.weights.mapping import flatten_params, unstack_from_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,11 +106,13 @@ def _abstract_export(config_arg: str):
 
     from idmr_jax.tasks.oacir.task import model_config
 
-    cfg = model_config(oacir.get_config(config_arg).model)
+    m = oacir.get_config(config_arg).model
+    m.caam.num_heads, m.caam.ffn_dim = 8, 2048  # the official CRM's (tiny configs use 4 / 128; export refuses those)
+    cfg = model_config(m)
     flat = flatten_params(nnx.state(workdir.build_abstract("adafocal", cfg), nnx.Param))
     flat = {k: np.broadcast_to(np.zeros((), v.dtype), v.shape) for k, v in flat.items()}
-    sd, notes = adafocal_names.to_official_state_dict(
-        unstack_from_model(flat, adafocal_names.lavis_adafocal_map(cfg)), cfg, abstract=True)
+    sd, notes = adafocal_weights.to_official_state_dict(
+        unstack_from_model(flat, adafocal_weights.lavis_adafocal_map(cfg)), cfg, abstract=True)
     return cfg, sd, notes
 
 
@@ -118,7 +125,7 @@ def test_official_names_and_shapes_paper_config():
     assert len(got) == 885
     assert sd["Qformer.bert.embeddings.position_ids"].dtype == np.int64
     assert all(v.dtype == np.float32 for k, v in sd.items() if not k.endswith("position_ids"))
-    assert adafocal_names.official_class(cfg) == "Blip2QformerOacirAdaFocal"
+    assert adafocal_weights.official_class(cfg) == "Blip2QformerOacirAdaFocal"
     # configs/oacir.py builds the Q-Former with bert-base's 30522 tokens: the [DEC] row is appended on export.
     assert notes["dec_row_appended"] and notes["dropped"] == ["blip2/itm_head/bias", "blip2/itm_head/kernel"]
 
@@ -127,11 +134,11 @@ def test_vector_and_baseline_variants():
     # The literal covers them too; checked on the tiny config (one ViT-g trace is enough per test file).
     _, scalar, _ = _abstract_export("tiny")
     cfg, vector, _ = _abstract_export("tiny,vector")
-    assert adafocal_names.official_class(cfg) == "Blip2QformerOacirAdaFocalVector"
+    assert adafocal_weights.official_class(cfg) == "Blip2QformerOacirAdaFocalVector"
     assert {k: v.shape for k, v in vector.items() if scalar[k].shape != v.shape} == {
         "crm_module.output_head.2.weight": (8, 64), "crm_module.output_head.2.bias": (8,)}
     cfg, baseline, _ = _abstract_export("tiny,baseline")
-    assert adafocal_names.official_class(cfg) == "Blip2QformerOacirBaseline"
+    assert adafocal_weights.official_class(cfg) == "Blip2QformerOacirBaseline"
     assert sorted(set(scalar) - set(baseline)) == sorted(
         k for k in _official_paper_state_dict() if k.startswith(("crm_module.", "contextual_probe_tokens")))
     assert set(baseline) < set(scalar)
@@ -143,13 +150,42 @@ def test_models_without_an_official_class_are_refused():
 
     demo = model_config(oacir.get_config("demo").model)  # EfficientNet-Lite0 vision encoder
     source = ModelSource("adafocal", demo, {}, {})
-    with pytest.raises(convert.ConvertError, match="EfficientNet.*cannot be exported as hf_blip2"):
-        convert._blip2_part(source, "demo-workdir", "hf_blip2")
-    with pytest.raises(convert.ConvertError, match="efficientnet"):
-        convert._export_lavis_adafocal(source, "demo-workdir", "unused", dtype=None, drop_k_bias=False)
+    with pytest.raises(ConvertError, match="EfficientNet.*cannot be exported as hf_blip2"):
+        blip2_convert.blip2_part(source, "demo-workdir", "hf_blip2")
+    with pytest.raises(ConvertError, match="efficientnet"):
+        adafocal_weights.export_lavis_adafocal(source, "demo-workdir", "unused", ExportOptions())
     mlp = model_config(oacir.get_config("paper,crm=mlp").model)
     with pytest.raises(ValueError, match="aggregator 'mlp'"):
-        adafocal_names.lavis_adafocal_map(mlp)
+        adafocal_weights.lavis_adafocal_map(mlp)
+
+
+def test_crm_hyperparameters_that_no_shape_shows_are_checked():
+    """The official CRM is nn.TransformerEncoderLayer(d_model=768, nhead=8, dim_feedforward=2048): another head
+    count loads strictly into it (no tensor shape depends on it) and computes another beta, so export refuses it."""
+    import dataclasses
+
+    from idmr_jax.tasks.oacir.task import model_config
+    from idmr_jax.weights.workdir import ModelSource
+
+    paper = model_config(oacir.get_config("paper").model)
+    adafocal_weights.check_exportable(paper)  # the official values pass
+    four_heads = dataclasses.replace(paper, crm=dataclasses.replace(paper.crm, num_heads=4))
+    with pytest.raises(ValueError, match="model.caam.num_heads is 4; the official CRM has 8 heads"):
+        adafocal_weights.lavis_adafocal_map(four_heads)
+    with pytest.raises(ConvertError, match="model.caam.num_heads is 4"):
+        adafocal_weights.export_lavis_adafocal(ModelSource("adafocal", four_heads, {}, {}), "wd", "unused",
+                                               ExportOptions())
+    wide = dataclasses.replace(paper, crm=dataclasses.replace(paper.crm, ffn_dim=1024))
+    with pytest.raises(ValueError, match="model.caam.ffn_dim is 1024; the official CRM has 2048 FFN units"):
+        adafocal_weights.check_exportable(wide)
+    eps = dataclasses.replace(paper, crm=dataclasses.replace(paper.crm, layer_norm_eps=1e-6))
+    with pytest.raises(ValueError, match="crm.layer_norm_eps is 1e-06"):
+        adafocal_weights.check_exportable(eps)
+    tiny = model_config(oacir.get_config("tiny").model)  # 4 heads, FFN 128
+    with pytest.raises(ValueError, match="num_heads is 4"):
+        adafocal_weights.check_exportable(tiny)
+    # The baseline has no CRM: nothing to check.
+    adafocal_weights.check_exportable(dataclasses.replace(four_heads, beta_mode="none"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,6 +200,7 @@ def trained(tmp_path_factory) -> Path:
     cmd = [sys.executable, "-m", "idmr_jax.main", "--config=configs/oacir.py:tiny,fake", f"--workdir={wd}",
            "--config.train.num_steps=2", "--config.train.checkpoint_every=1", "--config.data.batch_size=4",
            "--config.model.qformer.num_layers=2",  # layer 0 with cross-attention, layer 1 without: both kinds
+           "--config.model.caam.num_heads=8", "--config.model.caam.ffn_dim=2048",  # the official CRM's (lavis_adafocal)
            "--config.eval.at_end=False", "--config.train.progress=False", "--config.train.async_checkpoints=False"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -205,8 +242,8 @@ def test_lavis_adafocal_export_import_bit_exact(trained, latest, tmp_path):
     ck = latest
     cfg = ck.model_config
     # The real export has exactly the names / shapes of the abstract (shape-only) path the paper test uses.
-    flat = unstack_from_model(ck.flat, adafocal_names.lavis_adafocal_map(cfg))
-    abstract, _ = adafocal_names.to_official_state_dict(flat, cfg, abstract=True)
+    flat = unstack_from_model(ck.flat, adafocal_weights.lavis_adafocal_map(cfg))
+    abstract, _ = adafocal_weights.to_official_state_dict(flat, cfg, abstract=True)
     assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in abstract.items()}
 
     # Values, spot-checked with the official layouts written out independently of the name map.
@@ -229,20 +266,20 @@ def test_lavis_adafocal_export_import_bit_exact(trained, latest, tmp_path):
     assert float(sd["temp"]) == float(f["blip2/temp"]) and sd["temp"].shape == ()
 
     # Without model_config.json the architecture is read off the shapes (head counts by convention).
-    inferred = adafocal_names.infer_config(sd, convert._infer_lavis_config(sd))
+    inferred = adafocal_weights.infer_config(sd, blip2_convert.infer_lavis_config(sd))
     assert inferred.blip2.qformer.vocab_size == 30523 and inferred.blip2.qformer.num_layers == 2
     assert (inferred.crm.num_probes, inferred.crm.num_layers, inferred.crm.ffn_dim, inferred.crm.head_hidden,
-            inferred.crm.num_outputs) == (8, 2, 128, 64, 1) and inferred.beta_mode == "adaptive"
+            inferred.crm.num_outputs) == (8, 2, 2048, 64, 1) and inferred.beta_mode == "adaptive"
 
     # Import back: every official tensor lands where it came from, bit for bit; only itm_head is fresh.
     back = tmp_path / "back"
     assert convert.main(["import", "--format", "lavis_adafocal", "--src", str(out), "--out", str(back)]) == 0
     meta = json.loads((back / io.MODEL_CONFIG_FILE).read_text())
-    assert meta["kind"] == "adafocal" and meta["source"]["freshly_initialised"] == sorted(adafocal_names.UNMAPPED)
+    assert meta["kind"] == "adafocal" and meta["source"]["freshly_initialised"] == sorted(adafocal_weights.UNMAPPED)
     kind, _, restored = io.restore_params(back)
     assert kind == "adafocal" and set(restored) == set(ck.flat)
     differ = [k for k in restored if restored[k].tobytes() != ck.flat[k].tobytes()]
-    assert set(differ) <= set(adafocal_names.UNMAPPED)  # (the itm_head bias may still equal its zero init)
+    assert set(differ) <= set(adafocal_weights.UNMAPPED)  # (the itm_head bias may still equal its zero init)
     # ... and exporting the imported model gives the same file contents.
     again = tmp_path / "again"
     assert convert.main(["export", "--format", "lavis_adafocal", "--src", str(back), "--out", str(again)]) == 0
@@ -262,8 +299,8 @@ def test_crm_matches_torch_transformer_encoder(latest):
     flat = {k: (v + 0.05 * rng.standard_normal(v.shape).astype(v.dtype)) if k.startswith("crm/") else v
             for k, v in ck.flat.items()}
     model = workdir.load_module("adafocal", ck.model_config, flat)
-    sd, _ = adafocal_names.to_official_state_dict(
-        unstack_from_model(flat, adafocal_names.lavis_adafocal_map(ck.model_config)), ck.model_config)
+    sd, _ = adafocal_weights.to_official_state_dict(
+        unstack_from_model(flat, adafocal_weights.lavis_adafocal_map(ck.model_config)), ck.model_config)
 
     c = ck.model_config.crm
 
@@ -302,19 +339,25 @@ def test_hf_blip2_from_workdir_loads_strictly_and_matches(trained, latest, tmp_p
     assert convert.main(["export", "--format", "hf_blip2", "--src", str(trained), "--out", str(out)]) == 0
     model, info = transformers.Blip2ForImageTextRetrieval.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    port = workdir.load_module("adafocal", latest.model_config, latest.flat)
-    pixels, ids, mask = convert._random_inputs(model.config, batch=2, text_len=8, seed=1)
-    ref = convert._reference_outputs(model.float().eval(), pixels, ids, mask)
-    got = convert._port_outputs(port.blip2, pixels, ids, mask)
+    # The workdir trained the LAVIS recipe (ln_vision eps 1e-5); transformers' post_layernorm always takes the
+    # ViT's eps (1e-6), which the exporter warns about. Compare with the port at the eps the HF model computes with.
+    hf_cfg = dataclasses.replace(latest.model_config,
+                                 blip2=dataclasses.replace(latest.model_config.blip2, ln_vision_eps=None))
+    port = workdir.load_module("adafocal", hf_cfg, latest.flat)
+    pixels, ids, mask = blip2_verify.random_inputs(model.config, batch=2, text_len=8, seed=1)
+    ref = blip2_verify.reference_outputs(model.float().eval(), pixels, ids, mask)
+    got = blip2_verify.port_outputs(port.blip2, pixels, ids, mask)
     for name in ("vision_tokens", "qformer_image", "qformer_image_text", "image_features", "text_features"):
         np.testing.assert_allclose(got[name], ref[name], atol=1e-4, rtol=0, err_msg=name)
 
 
 _RUN_STANDALONE = textwrap.dedent("""
-    import sys
+    import importlib.util, sys
     import numpy as np
-    sys.path.insert(0, sys.argv[1])
-    import serving  # the loader copied into the artifact: no idmr_jax, no flax
+    # A vendored copy of idmr_jax/serving.py, imported by path: no idmr_jax, no flax (the artifact holds no code).
+    spec = importlib.util.spec_from_file_location("adafocal_serving", sys.argv[4])
+    serving = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serving)
     query_fn, target_fn = serving.load(sys.argv[1])
     x = dict(np.load(sys.argv[2]))
     out = {"query": np.asarray(query_fn(x["pixels"], x["input_ids"], x["attention_mask"], x["box"], x["has_box"]))}
@@ -335,6 +378,8 @@ def test_jax_serving_runs_standalone(trained, latest, tmp_path):
 
     out = tmp_path / "serving"
     assert convert.main(["export", "--format", "jax_serving", "--src", str(trained), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["params.npz", "query.jaxexport", "serving.json",
+                                                     "target.jaxexport"]  # data only
     meta = json.loads((out / "serving.json").read_text())
     assert meta["platforms"] == ["cpu", "cuda", "tpu"] and meta["max_text_len"] == 32
     assert meta["functions"]["query"]["outputs"][0]["shape"] == ["b", 32]
@@ -353,15 +398,15 @@ def test_jax_serving_runs_standalone(trained, latest, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, "-c", _RUN_STANDALONE, str(out), str(tmp_path / "inputs.npz"),
-                           str(tmp_path / "outputs.npz")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+                           str(tmp_path / "outputs.npz"), str(REPO / "idmr_jax" / "serving.py")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     served = dict(np.load(tmp_path / "outputs.npz"))
 
     # The in-process model, with the box rasterised by the data pipeline's NumPy rule.
     model = workdir.load_module("adafocal", latest.model_config, latest.flat)
     grid = (4, 4)  # 56 px / patch 14
-    masks = np.stack([box_to_patch_mask(box if has else None, grid, (56, 56))
+    masks = np.stack([box_to_patch_mask(box if has else None, grid, (56, 56), patch=14)
                       for box, has in zip(x["box"], x["has_box"])])
     assert masks[0].sum() > 0 and masks[2].sum() == 0
 

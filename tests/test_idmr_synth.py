@@ -18,9 +18,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from data_prep import idmr_synth
-from data_prep.idmr import captions, geometry
-from data_prep.idmr.sources import demo_coco, load_coco
+from data_prep import idmr_synth as synth_cli
+from idmr_jax.tasks.idmr.synth import captions, geometry, synthesis
+from idmr_jax.tasks.idmr.synth.sources import demo_coco, load_coco
 from idmr_jax.tasks.idmr import records as triplets
 
 CATEGORIES = ["person", "flag", "cup", "spoon", "saucer", "cat", "rocket", "coin"]
@@ -91,12 +91,12 @@ def coco(tmp_path_factory):
 def synth(coco, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("synth"))
     loaded = load_coco(coco["annotations"], coco["images"])
-    return out, idmr_synth.synthesize(loaded, out, options=idmr_synth.SynthOptions(records_per_shard=4))
+    return out, synthesis.synthesize(loaded, out, options=synthesis.SynthOptions(records_per_shard=4))
 
 
 def _files(out: str) -> dict[str, bytes]:
     return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))
-            if n.endswith(".array_record") or n in (idmr_synth.MANIFEST, idmr_synth.REPORT)}
+            if n.endswith(".array_record") or n in (synthesis.MANIFEST, synthesis.REPORT)}
 
 
 def test_every_instance_is_accounted_for_by_reason(coco, synth):
@@ -108,7 +108,7 @@ def test_every_instance_is_accounted_for_by_reason(coco, synth):
     want.update({"duplicate_id": 1, "bad_type": 1})
     assert counts["instances"] == {"total": coco["n_annotations"], "kept": len(KEPT), "skipped": want}
     assert counts["triplets"] == {"train": 6, "val": 0} and counts["boxes_clipped"] == 1  # the spoon
-    report = json.load(open(os.path.join(out, idmr_synth.REPORT)))
+    report = json.load(open(os.path.join(out, synthesis.REPORT)))
     assert report == json.loads(json.dumps(result.report))
     assert report["filtered"]["too_small"] == ["coco:103", "coco:302"] and report["filtered"]["crowd"] == ["coco:104"]
     # Bad input is itemised with file, record (list + position), id and field.
@@ -181,29 +181,29 @@ def test_template_captions_describe_position_and_neighbours(synth):
 
 def test_manifest_counts_equal_records_and_output_is_deterministic(coco, synth, tmp_path):
     out, result = synth
-    m = json.load(open(os.path.join(out, idmr_synth.MANIFEST)))
+    m = json.load(open(os.path.join(out, synthesis.MANIFEST)))
     assert m == json.loads(json.dumps(result.manifest))
     assert len(m["shards"]["train"]) == 2 and m["shards"]["val"] == []
     assert sum(s["records"] for s in m["shards"]["train"]) == m["counts"]["triplets"]["train"]
     for s in m["shards"]["train"]:
         assert len(triplets.read_shards([os.path.join(out, s["file"])])) == s["records"]
     again = str(tmp_path / "again")
-    idmr_synth.synthesize(load_coco(coco["annotations"], coco["images"]), again,
-                          options=idmr_synth.SynthOptions(records_per_shard=4))
+    synthesis.synthesize(load_coco(coco["annotations"], coco["images"]), again,
+                          options=synthesis.SynthOptions(records_per_shard=4))
     assert _files(again) == _files(out)  # byte-identical in a fresh folder
-    resumed = idmr_synth.synthesize(load_coco(coco["annotations"], coco["images"]), again,
-                                    options=idmr_synth.SynthOptions(records_per_shard=4))
+    resumed = synthesis.synthesize(load_coco(coco["annotations"], coco["images"]), again,
+                                    options=synthesis.SynthOptions(records_per_shard=4))
     assert resumed.written == [] and len(resumed.reused) == 2 and _files(again) == _files(out)
     os.remove(os.path.join(again, "train-00001-of-00002.array_record"))
-    redone = idmr_synth.synthesize(load_coco(coco["annotations"], coco["images"]), again,
-                                   options=idmr_synth.SynthOptions(records_per_shard=4))
+    redone = synthesis.synthesize(load_coco(coco["annotations"], coco["images"]), again,
+                                   options=synthesis.SynthOptions(records_per_shard=4))
     assert redone.written == ["train-00001-of-00002.array_record"] and _files(again) == _files(out)
 
 
 def test_parallel_workers_write_the_same_bytes(coco, synth, tmp_path):
     out = str(tmp_path / "parallel")
-    res = idmr_synth.synthesize(load_coco(coco["annotations"], coco["images"]), out,
-                                options=idmr_synth.SynthOptions(records_per_shard=4), workers=2)
+    res = synthesis.synthesize(load_coco(coco["annotations"], coco["images"]), out,
+                                options=synthesis.SynthOptions(records_per_shard=4), workers=2)
     assert len(res.written) == 2 and _files(out) == _files(synth[0])
 
 
@@ -233,9 +233,9 @@ def test_triplet_schema_round_trip_and_errors():
 
 
 def test_context_padding_and_max_side(coco, tmp_path):
-    opts = idmr_synth.SynthOptions(filters=geometry.FilterSpec(context_pad=0.25), max_side=128)
+    opts = synthesis.SynthOptions(filters=geometry.FilterSpec(context_pad=0.25), max_side=128)
     out = str(tmp_path / "pad")
-    idmr_synth.synthesize(load_coco(coco["annotations"], coco["images"]), out, options=opts)
+    synthesis.synthesize(load_coco(coco["annotations"], coco["images"]), out, options=opts)
     recs = {r.annotation_id: r for r in triplets.read_shards(os.path.join(out, "train-*"))}
     r = recs["coco:201"]  # cup [75, 30, 225, 155] in a 300x200 image, padded by 37.5 / 31.25 px a side
     assert geometry.crop_rect((75.0, 30.0, 225.0, 155.0), 300, 200, 0.25) == (37, 0, 263, 187)
@@ -248,8 +248,8 @@ def test_context_padding_and_max_side(coco, tmp_path):
 @pytest.mark.parametrize("split_by", ["image", "instance", "category"])
 def test_val_split_is_disjoint(coco, tmp_path, split_by):
     out = str(tmp_path / split_by)
-    opts = idmr_synth.SynthOptions(val_fraction=0.4, split_by=split_by, seed=3)
-    m = idmr_synth.synthesize(load_coco(coco["annotations"], coco["images"]), out, options=opts).manifest
+    opts = synthesis.SynthOptions(val_fraction=0.4, split_by=split_by, seed=3)
+    m = synthesis.synthesize(load_coco(coco["annotations"], coco["images"]), out, options=opts).manifest
     train = triplets.read_shards(os.path.join(out, "train-*"))
     val = triplets.read_shards(os.path.join(out, "val-*"))
     assert len(train) + len(val) == len(KEPT) and val and train
@@ -260,11 +260,11 @@ def test_val_split_is_disjoint(coco, tmp_path, split_by):
 
 def test_assign_splits_fractions():
     keys = [f"k{i}" for i in range(100)]
-    sides = idmr_synth.assign_splits(keys, 0.1, seed=0)
-    assert sides.count("val") == 10 and sides == idmr_synth.assign_splits(keys, 0.1, seed=0)
-    assert sides != idmr_synth.assign_splits(keys, 0.1, seed=1)
+    sides = synthesis.assign_splits(keys, 0.1, seed=0)
+    assert sides.count("val") == 10 and sides == synthesis.assign_splits(keys, 0.1, seed=0)
+    assert sides != synthesis.assign_splits(keys, 0.1, seed=1)
     cats = ["a"] * 50 + ["b"] * 30 + ["c"] * 20
-    side = idmr_synth.assign_splits(cats, 0.25, seed=0, by_category=True)
+    side = synthesis.assign_splits(cats, 0.25, seed=0, by_category=True)
     per = {c: {s for c2, s in zip(cats, side) if c2 == c} for c in "abc"}
     assert all(len(v) == 1 for v in per.values()) and side.count("val") >= 25 and "train" in side
 
@@ -287,7 +287,7 @@ class KnownScores:
 def test_clip_threshold_filters(coco, tmp_path):
     scorer = KnownScores()
     out = str(tmp_path / "clip")
-    res = idmr_synth.synthesize(load_coco(coco["annotations"], coco["images"]), out, scorer=scorer)
+    res = synthesis.synthesize(load_coco(coco["annotations"], coco["images"]), out, scorer=scorer)
     kept = {r.category: r.clip_score for r in triplets.read_shards(os.path.join(out, "train-*"))}
     assert kept == {"person": 0.31, "cup": 0.25, "cat": 0.21}  # strictly above 0.2 (the paper's rule)
     assert res.report["filtered"]["clip_score_low"] == ["coco:102", "coco:202", "coco:401"]
@@ -296,7 +296,7 @@ def test_clip_threshold_filters(coco, tmp_path):
     assert "a photo of a person" in scorer.calls[0]
     # Scores are cached per scorer: a rerun asks for nothing.
     again = KnownScores()
-    idmr_synth.synthesize(load_coco(coco["annotations"], coco["images"]), out, scorer=again)
+    synthesis.synthesize(load_coco(coco["annotations"], coco["images"]), out, scorer=again)
     assert again.calls == []
 
 
@@ -309,7 +309,7 @@ def test_mllm_captioner_sees_a_green_box(coco, tmp_path):
 
     cap = captions.MllmCaptioner(generate, "fake")
     out = str(tmp_path / "mllm")
-    idmr_synth.synthesize(load_coco(coco["annotations"], coco["images"]), out, captioner=cap)
+    synthesis.synthesize(load_coco(coco["annotations"], coco["images"]), out, captioner=cap)
     recs = triplets.read_shards(os.path.join(out, "train-*"))
     assert [r.caption for r in recs] == [f"The marked thing is near object {i + 1}." for i in range(6)]
     assert {r.captioner for r in recs} == {"mllm:fake"} and seen[0][1] == captions.DEFAULT_PROMPT
@@ -320,36 +320,36 @@ def test_mllm_captioner_sees_a_green_box(coco, tmp_path):
     assert all(green(img[130, x]) for x in (68, 69, 220, 221)) and all(green(img[y, 145]) for y in (8, 9, 250, 251))
     assert not any(green(img[130, x]) for x in (67, 70, 145, 219, 222))
     # Captions are cached: a rerun does not call the model again.
-    idmr_synth.synthesize(load_coco(coco["annotations"], coco["images"]), out, captioner=cap)
+    synthesis.synthesize(load_coco(coco["annotations"], coco["images"]), out, captioner=cap)
     assert len(seen) == 6
 
 
 def test_strict_and_cli_exit_codes(coco, tmp_path, capsys):
     out = str(tmp_path / "cli")
     argv = ["--annotations", coco["annotations"], "--images", coco["images"], "--out", out]
-    assert idmr_synth.main(argv + ["--strict"]) == 2
+    assert synth_cli.main(argv + ["--strict"]) == 2
     err = capsys.readouterr().err
     assert f"{coco['annotations']}: annotations[12] ('403'), field 'bbox': box has non-finite" in err
     assert "images[4] ('broken.jpg'), field 'file_name'" in err
     assert not [n for n in os.listdir(out) if n.endswith(".array_record")]
-    assert idmr_synth.main(argv + ["--val-fraction", "0.3", "--limit-images", "3"]) == 0
-    m = json.load(open(os.path.join(out, idmr_synth.MANIFEST)))
+    assert synth_cli.main(argv + ["--val-fraction", "0.3", "--limit-images", "3"]) == 0
+    m = json.load(open(os.path.join(out, synthesis.MANIFEST)))
     assert m["counts"]["instances"]["kept"] == 5 and m["counts"]["instances"]["skipped"]["beyond_limit"] == 5
     with pytest.raises(SystemExit) as e:
-        idmr_synth.main(["--annotations", coco["annotations"], "--out", out])  # no --images
+        synth_cli.main(["--annotations", coco["annotations"], "--out", out])  # no --images
     assert e.value.code == 2
-    assert idmr_synth.main(["--annotations", str(tmp_path / "nope.json"), "--images", ".", "--out", out]) == 2
+    assert synth_cli.main(["--annotations", str(tmp_path / "nope.json"), "--images", ".", "--out", out]) == 2
 
 
 def test_demo_benchmark_source_keeps_instance_identity(tmp_path):
-    from data_prep.demo_bench import build_demo_benchmark
+    from idmr_jax.data.demo_bench.builder import build_demo_benchmark
 
     root = build_demo_benchmark(tmp_path / "demo", size="tiny")
     coco, image_dir = demo_coco(str(root), "val")
     assert all(a["instance_id"] for a in coco["annotations"])
     out = str(tmp_path / "demo_out")
-    res = idmr_synth.synthesize(idmr_synth.load_demo(str(root), "val"), out,
-                                options=idmr_synth.SynthOptions(filters=idmr_synth.DEMO_FILTERS))
+    res = synthesis.synthesize(synthesis.load_demo(str(root), "val"), out,
+                                options=synthesis.SynthOptions(filters=synthesis.DEMO_FILTERS))
     recs = triplets.read_shards(os.path.join(out, "train-*"))
     meta = json.load(open(root / "demo_meta.json"))
     assert len(recs) == len(coco["images"]) == res.manifest["counts"]["triplets"]["train"]
@@ -362,7 +362,7 @@ def test_demo_benchmark_source_keeps_instance_identity(tmp_path):
     assert len({r.instance_id for r in recs}) < len(recs)  # the same instance appears in several images
     # The CLI picks the demo filters by itself and writes the same triplets.
     cli = str(tmp_path / "demo_cli")
-    assert idmr_synth.main(["--demo-root", str(root), "--demo-split", "val", "--out", cli]) == 0
+    assert synth_cli.main(["--demo-root", str(root), "--demo-split", "val", "--out", cli]) == 0
     assert _files(cli)["train-00000-of-00001.array_record"] == _files(out)["train-00000-of-00001.array_record"]
 
 
@@ -414,7 +414,7 @@ class IdmrSynthTestCoco(tfds.core.GeneratorBasedBuilder):
 
 
 def test_tfds_source_matches_the_coco_source(coco, synth, tmp_path):
-    from data_prep.idmr.sources import load_tfds
+    from idmr_jax.tasks.idmr.synth.sources import load_tfds
 
     data_dir = str(tmp_path / "tfds")
     IdmrSynthTestCoco.images_dir = coco["images"]
@@ -422,7 +422,7 @@ def test_tfds_source_matches_the_coco_source(coco, synth, tmp_path):
     loaded = load_tfds("idmr_synth_test_coco", "train", data_dir)
     assert loaded.counts == {"images": 4, "annotations": 7, "categories": len(CATEGORIES)}
     out = str(tmp_path / "out")
-    res = idmr_synth.synthesize(loaded, out)
+    res = synthesis.synthesize(loaded, out)
     assert res.manifest["counts"]["instances"] == {
         "total": 7, "kept": 4, "skipped": {"crowd": 1, "too_small": 1, "unusable_image": 1}}
     # TFDS shuffles examples on writing: the report names the example by its index in the data source.
@@ -445,7 +445,7 @@ def test_tfds_source_matches_the_coco_source(coco, synth, tmp_path):
     assert person.annotation_id == "tfds:idmr_synth_test_coco:1000" and person.image_id.endswith(":100")
     assert "another person" in person.caption and "a flag" in person.caption
     cli_out = str(tmp_path / "cli")
-    assert idmr_synth.main(["--tfds-name", "idmr_synth_test_coco", "--tfds-data-dir", data_dir, "--split", "train",
+    assert synth_cli.main(["--tfds-name", "idmr_synth_test_coco", "--tfds-data-dir", data_dir, "--split", "train",
                             "--out", cli_out]) == 0
     assert _files(cli_out)["train-00000-of-00001.array_record"] == _files(out)["train-00000-of-00001.array_record"]
 
@@ -502,7 +502,7 @@ def test_clip_scorer_matches_transformers_and_filters(coco, tmp_path):
     import torch
     import transformers
 
-    from data_prep.idmr.clip_filter import ClipScorer, clip_pixels
+    from idmr_jax.tasks.idmr.synth.clip_filter import ClipScorer, clip_pixels
 
     folder = str(tmp_path / "clip")
     hf, tok = _save_tiny_clip(folder)
@@ -527,14 +527,14 @@ def test_clip_scorer_matches_transformers_and_filters(coco, tmp_path):
 
     # End to end: a threshold at the median of the six candidates' scores keeps exactly those above it.
     probe = str(tmp_path / "probe")
-    idmr_synth.synthesize(load_coco(coco["annotations"], coco["images"]), probe, scorer=scorer,
-                          options=idmr_synth.SynthOptions(clip_threshold=-2.0))
+    synthesis.synthesize(load_coco(coco["annotations"], coco["images"]), probe, scorer=scorer,
+                          options=synthesis.SynthOptions(clip_threshold=-2.0))
     scores = {r.annotation_id: r.clip_score for r in triplets.read_shards(os.path.join(probe, "train-*"))}
     assert len(scores) == 6
     threshold = float(np.median(list(scores.values())))
     out = str(tmp_path / "filtered")
-    res = idmr_synth.synthesize(load_coco(coco["annotations"], coco["images"]), out, scorer=scorer,
-                                options=idmr_synth.SynthOptions(clip_threshold=threshold))
+    res = synthesis.synthesize(load_coco(coco["annotations"], coco["images"]), out, scorer=scorer,
+                                options=synthesis.SynthOptions(clip_threshold=threshold))
     kept = {r.annotation_id: r.clip_score for r in triplets.read_shards(os.path.join(out, "train-*"))}
     assert kept == {k: v for k, v in scores.items() if v > threshold} and len(kept) == 3
     assert sorted(res.report["filtered"]["clip_score_low"]) == sorted(set(scores) - set(kept))
@@ -603,9 +603,9 @@ def test_llava_captioner_matches_transformers_generate(coco, tmp_path):
     assert got == tok.decode(ref, skip_special_tokens=True) and got.strip()
     # End to end through the synthesis: each caption is the model's answer for that image with its box drawn.
     out = str(tmp_path / "out")
-    idmr_synth.synthesize(load_coco(coco["annotations"], coco["images"]), out,
+    synthesis.synthesize(load_coco(coco["annotations"], coco["images"]), out,
                           captioner=captions.MllmCaptioner(generate, name),
-                          options=idmr_synth.SynthOptions(limit_images=3))
+                          options=synthesis.SynthOptions(limit_images=3))
     recs = triplets.read_shards(os.path.join(out, "train-*"))
     cat = next(r for r in recs if r.category == "cat")
     marked = captions.draw_marker(Image.open(os.path.join(coco["images"], "chelsea.jpg")), cat.box)

@@ -51,7 +51,7 @@ def test_prompt_tokenizer_uses_the_bundled_wordpiece_vocab():
 
     tok = pipe.PromptTokenizer("", pipe.PromptSpec(image_token_id=30522, image_tokens=4, max_length=24))
     ids, mask = tok.encode(pipe.Prompts().query_text("a dog on the left"))
-    bert = text._bert_tokenizer_class().from_pretrained(text.bundled_tokenizer_dir(), local_files_only=True)
+    bert = text.bert_tokenizer_class().from_pretrained(text.bundled_tokenizer_dir(), local_files_only=True)
     words = bert("Find an image that contains this object in the described scene: a dog on the left",
                  add_special_tokens=False)["input_ids"]
     body = [101] + [30522] * 4 + words[: 24 - 6] + [102]  # [CLS] <image>x4 text [SEP], text cut to fit
@@ -98,14 +98,14 @@ def test_recalls_count_target_and_instance_hits():
 @pytest.fixture(scope="module")
 def demo_triplets(tmp_path_factory):
     """Triplet shards of the tiny demo benchmark through the real synthesis path (instance ids kept)."""
-    from data_prep import demo_bench, idmr_synth
-    from data_prep.idmr import geometry
-    from data_prep.idmr.sources import demo_coco, load_coco
+    from idmr_jax.data.demo_bench.builder import build_demo_benchmark
+    from idmr_jax.tasks.idmr.synth import geometry, synthesis
+    from idmr_jax.tasks.idmr.synth.sources import demo_coco, load_coco
 
     tmp = tmp_path_factory.mktemp("idmr_demo")
-    root = demo_bench.build_demo_benchmark(tmp / "bench", size="tiny")
+    root = build_demo_benchmark(tmp / "bench", size="tiny")
     out = tmp / "triplets"
-    idmr_synth.synthesize(load_coco(*demo_coco(str(root)), source="demo"), out, options=idmr_synth.SynthOptions(
+    synthesis.synthesize(load_coco(*demo_coco(str(root)), source="demo"), out, options=synthesis.SynthOptions(
         filters=geometry.FilterSpec(min_side=8, min_area_ratio=0.0, max_area_ratio=1.0), val_fraction=0.3,
         split_by="instance"))
     return out

@@ -23,7 +23,8 @@ from idmr_jax.models import llava as llava_mod
 from idmr_jax.models import pooling
 from idmr_jax.models.lora import LoRAConfig
 from idmr_jax.models.vit import VisionTransformer
-from idmr_jax.weights import llava_convert, mapping, vit_names
+from idmr_jax.weights import llava, llava_verify, mapping
+from idmr_jax.weights import vit as vit_weights
 
 TOL = 1e-4
 VOCAB, IMAGE_TOKEN = 64, 63
@@ -133,11 +134,11 @@ def test_strict_import_names_the_tensor(qwen, tmp_path):
     sd.pop("multi_modal_projector.linear_2.bias")
     sd["language_model.model.extra.weight"] = np.zeros(3, np.float32)
     bad = tmp_path / "bad"
-    from idmr_jax.weights import io
+    from idmr_jax.weights import torch_io
 
-    io.save_torch_state_dict(sd, bad, json.loads((folder / "config.json").read_text()))
+    torch_io.save_torch_state_dict(sd, bad, json.loads((folder / "config.json").read_text()))
     with pytest.raises(mapping.WeightMismatchError, match="linear_2.bias"):
-        llava_convert.load_hf_llava(bad)
+        llava.load_hf_llava(bad)
     rc, _ = _main(["import", "--format", "hf_llava", "--src", str(bad), "--out", str(tmp_path / "o")])
     assert rc == 2
 
@@ -157,7 +158,7 @@ def test_mixed_batch_with_placeholder_images_and_pooling_methods(qwen):
     """Rows 0 and 2 have images, row 1 is text only: transformers gets the two real images; the port gets a
     fixed-shape [3, ...] pixel batch with a placeholder row masked out by image_valid."""
     hf, folder = qwen
-    model, cfg = llava_convert.load_hf_llava(folder, pooling="before_token", pooling_token_id=5)
+    model, cfg = llava.load_hf_llava(folder, pooling="before_token", pooling_token_id=5)
     rng = np.random.default_rng(3)
     pixels = rng.standard_normal((3, 28, 28, 3)).astype(np.float32)
     ids = rng.integers(6, IMAGE_TOKEN, size=(3, 10))
@@ -182,7 +183,7 @@ def test_mixed_batch_with_placeholder_images_and_pooling_methods(qwen):
 
 def test_image_token_count_mismatch(qwen):
     _, folder = qwen
-    model, cfg = llava_convert.load_hf_llava(folder)
+    model, cfg = llava.load_hf_llava(folder)
     ids = np.full((1, 8), 7)
     ids[0, :3] = IMAGE_TOKEN  # 3 tokens, 4 features
     px = np.zeros((1, 28, 28, 3), np.float32)
@@ -199,9 +200,9 @@ def test_vit_hidden_states_match_hf(qwen, scan):
     only the blocks that ran."""
     hf, _ = qwen
     tower = hf.model.vision_tower
-    cfg = vit_names.vit_config_from_hf(tower.config, scan=scan)
+    cfg = vit_weights.vit_config_from_hf(tower.config, scan=scan)
     sd = {k: v.detach().numpy() for k, v in tower.state_dict().items()}
-    flat = mapping.NameMap(vit_names.hf_clip_vision_rules(dataclasses.replace(cfg, scan=False))).torch_to_flax(
+    flat = mapping.NameMap(vit_weights.hf_clip_vision_rules(dataclasses.replace(cfg, scan=False))).torch_to_flax(
         sd, ignore=(r".*position_ids",))
     vit = nnx.eval_shape(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(0)))
     mapping.load_into(vit, flat)
@@ -221,7 +222,7 @@ def test_vit_hidden_states_match_hf(qwen, scan):
 def test_full_strategy_and_feature_layer_list(tmp_path_factory):
     hf, folder = _saved("qwen2", tmp_path_factory, vision_feature_select_strategy="full",
                         vision_feature_layer=[-3, -1])
-    model, cfg = llava_convert.load_hf_llava(folder)
+    model, cfg = llava.load_hf_llava(folder)
     assert cfg.vision_feature_layer == (-3, -1) and cfg.image_tokens(cfg.vision.grid) == 5
     rng = np.random.default_rng(4)
     pixels = rng.standard_normal((1, 28, 28, 3)).astype(np.float32)
@@ -239,7 +240,7 @@ def test_full_strategy_and_feature_layer_list(tmp_path_factory):
 
 def test_generate_greedy_matches_transformers(qwen):
     hf, folder = qwen
-    model, _ = llava_convert.load_hf_llava(folder)
+    model, _ = llava.load_hf_llava(folder)
     rng = np.random.default_rng(5)
     pixels = rng.standard_normal((2, 28, 28, 3)).astype(np.float32)
     ids = rng.integers(1, IMAGE_TOKEN, size=(2, 8))
@@ -261,20 +262,20 @@ def test_lora_adapter_loads_in_peft(qwen, tmp_path):
 
     _, folder = qwen
     lora = LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
-    model, cfg = llava_convert.load_hf_llava(folder, lora=lora)
+    model, cfg = llava.load_hf_llava(folder, lora=lora)
     rng = np.random.default_rng(7)
     flat = {k: np.asarray(v) for k, v in mapping.flatten_params(model).items()}
     changed = {k: v + 0.05 * rng.standard_normal(v.shape).astype(v.dtype) for k, v in flat.items()
                if k.endswith("lora_b") or k.startswith("projector/")}
     assert len(changed) == 2 * 3 + 4  # 3 LoRA layers x 2 LM layers, projector kernels and biases
     mapping.load_into(model, {**flat, **changed})
-    out = llava_convert.export_lora_adapter(model, cfg, tmp_path / "adapter", include_projector=True)
+    out = llava.export_lora_adapter(model, cfg, tmp_path / "adapter", include_projector=True)
     base = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
     peft_model = peft.PeftModel.from_pretrained(base, out).eval()
     injected = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
     assert injected and all("language_model" in n for n in injected)  # nothing in the CLIP tower
 
-    pixels, ids, mask = llava_convert.verify_inputs(cfg, batch=2, text_len=5, seed=6)
+    pixels, ids, mask = llava_verify.verify_inputs(cfg, batch=2, text_len=5, seed=6)
     inputs = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                   pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2), output_hidden_states=True)
     rows = (np.arange(2), [np.flatnonzero(m)[-1] for m in mask])

@@ -21,7 +21,9 @@ from idmr_jax.models import layers as L
 from idmr_jax.models import lora as lora_lib
 from idmr_jax.models.lora import LoRAConfig
 from idmr_jax.train import state as train_state
-from idmr_jax.weights import io, lm_names, mapping, peft_export
+from idmr_jax.weights import decoder_lm as lm_weights
+from idmr_jax.weights import io, mapping, torch_io
+from idmr_jax.weights import peft as peft_weights
 
 TOL = 1e-4
 VOCAB = 150
@@ -82,9 +84,9 @@ def _random_lora(model: nnx.Module, seed: int) -> dict[str, np.ndarray]:
 
 def _lora_model(folder, lora: LoRAConfig, seed: int = 0, **overrides) -> D.DecoderLM:
     """Base weights from a transformers folder plus random (nonzero) LoRA factors, without a random init."""
-    cfg = D.config_from_hf(io.read_hf_config(folder), lora=lora, **overrides)
+    cfg = lm_weights.config_from_hf(torch_io.read_hf_config(folder), lora=lora, **overrides)
     model = nnx.eval_shape(lambda: D.DecoderLM(cfg, rngs=nnx.Rngs(params=0, dropout=1)))
-    base = lm_names.decoder_lm_name_map(cfg).torch_to_flax(io.load_torch_state_dict(folder))
+    base = lm_weights.decoder_lm_name_map(cfg).torch_to_flax(torch_io.load_torch_state_dict(folder))
     mapping.load_into(model, {**base, **_random_lora(model, seed)})
     nnx.reseed(model, dropout=seed, policy="match_shape")  # concrete dropout keys (eval_shape left them abstract)
     return model
@@ -128,7 +130,8 @@ def test_merge_and_unmerge(qwen2_folder):
     want = np.asarray(_fwd(model, ids, mask)[1])
     merged_flat = lora_lib.merge(before, lora)
     assert not any(lora_lib.is_lora_path(k) for k in merged_flat)
-    plain = nnx.eval_shape(lambda: D.DecoderLM(D.config_from_hf(io.read_hf_config(folder)), rngs=nnx.Rngs(0)))
+    plain = nnx.eval_shape(lambda: D.DecoderLM(lm_weights.config_from_hf(torch_io.read_hf_config(folder)),
+                                               rngs=nnx.Rngs(0)))
     mapping.load_into(plain, merged_flat)
     np.testing.assert_allclose(np.asarray(_fwd(plain, ids, mask)[1]), want, atol=TOL, rtol=0)
     restored = lora_lib.unmerge(merged_flat, before, lora)
@@ -144,7 +147,7 @@ def test_merge_and_unmerge(qwen2_folder):
     np.testing.assert_allclose(np.asarray(_fwd(model, ids, mask)[1]), want, atol=TOL, rtol=0)
     lora_lib.unmerge(model)
     after = mapping.unstack_from_model(mapping.flatten_params(model), mapping.NameMap(
-        lm_names.decoder_lm_rules(model.cfg) + lm_names.lora_rules(model.cfg)))
+        lm_weights.decoder_lm_rules(model.cfg) + lm_weights.lora_rules(model.cfg)))
     for k, v in before.items():
         np.testing.assert_allclose(np.asarray(after[k]), np.asarray(v), atol=1e-6, rtol=0, err_msg=k)
 
@@ -174,7 +177,7 @@ def test_peft_adapter_parity(qwen2_folder, tmp_path):
     lora = LoRAConfig(rank=4, alpha=8.0, dropout=0.1, targets=targets)
     model = _lora_model(folder, lora, seed=3)
     cfg = model.cfg
-    out = peft_export.export_peft_adapter(mapping.flatten_params(model), cfg, tmp_path / "adapter",
+    out = peft_weights.export_peft_adapter(mapping.flatten_params(model), cfg, tmp_path / "adapter",
                                           base_model_name_or_path=str(folder))
     meta = json.loads((out / "adapter_config.json").read_text())
     assert (meta["peft_type"], meta["r"], meta["lora_alpha"], meta["bias"]) == ("LORA", 4, 8, "none")
@@ -198,14 +201,14 @@ def test_peft_adapter_parity(qwen2_folder, tmp_path):
                                ref_e / np.linalg.norm(ref_e, axis=-1, keepdims=True), atol=TOL, rtol=0)
 
     # Import gives the factors back exactly; a scanned model exports the same tensors.
-    back = peft_export.import_peft_adapter(out, cfg)
+    back = peft_weights.import_peft_adapter(out, cfg)
     flat = mapping.flatten_params(model)
     assert set(back) == {k for k in flat if lora_lib.is_lora_path(k)}
     for k, v in back.items():
         np.testing.assert_array_equal(v, np.asarray(flat[k]))
     scanned = nnx.eval_shape(lambda: D.DecoderLM(dataclasses.replace(cfg, scan=True), rngs=nnx.Rngs(0)))
     mapping.load_into(scanned, flat)  # the same values, stacked along "layers"
-    out2 = peft_export.export_peft_adapter(mapping.flatten_params(scanned), scanned.cfg, tmp_path / "adapter2")
+    out2 = peft_weights.export_peft_adapter(mapping.flatten_params(scanned), scanned.cfg, tmp_path / "adapter2")
     from safetensors.numpy import load_file
     t1, t2 = load_file(str(out / "adapter_model.safetensors")), load_file(str(out2 / "adapter_model.safetensors"))
     assert set(t1) == set(t2) and all(np.array_equal(t1[k], t2[k]) for k in t1)
@@ -214,9 +217,10 @@ def test_peft_adapter_parity(qwen2_folder, tmp_path):
     assert t1["base_model.model.lm_head.lora_B.weight"].shape == (VOCAB, 4)
 
     with pytest.raises(ValueError, match="r=4"):
-        peft_export.import_peft_adapter(out, D.config_from_hf(io.read_hf_config(folder), lora=LoRAConfig(rank=8)))
+        peft_weights.import_peft_adapter(out, lm_weights.config_from_hf(torch_io.read_hf_config(folder),
+                                                                        lora=LoRAConfig(rank=8)))
     with pytest.raises(Exception, match="lora"):
-        peft_export.export_peft_adapter({}, cfg, tmp_path / "empty")
+        peft_weights.export_peft_adapter({}, cfg, tmp_path / "empty")
 
 
 def test_save_and_restore_converted_lora_model(qwen2_folder, tmp_path):
@@ -225,7 +229,7 @@ def test_save_and_restore_converted_lora_model(qwen2_folder, tmp_path):
     io.save_model(tmp_path / "ckpt", model, model.cfg)
     restored, cfg = io.restore_model(tmp_path / "ckpt", overrides={"scan": True})
     assert cfg.lora == model.cfg.lora and cfg.scan and isinstance(cfg.lora.targets, tuple)
-    name_map = mapping.NameMap(lm_names.decoder_lm_rules(cfg) + lm_names.lora_rules(cfg))
+    name_map = mapping.NameMap(lm_weights.decoder_lm_rules(cfg) + lm_weights.lora_rules(cfg))
     got = mapping.unstack_from_model(mapping.flatten_params(restored), name_map)
     want = mapping.flatten_params(model)
     assert set(got) == set(want)

@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from idmr_jax.evaluation import outputs
+from idmr_jax.evaluation.ranking import rank_scores
 from idmr_jax.tasks.oacir import metrics as M
 from idmr_jax.evaluation.retrieval import topk_numpy
 
@@ -25,7 +27,7 @@ def _recalls(rankings, refs, tgts, **kw):
 
 def test_rank_scores_ties_lower_index_first():
     s = np.array([[0.5, 0.9, 0.9, 0.1, 0.9, 0.5]])
-    np.testing.assert_array_equal(M.rank_scores(s), [[1, 2, 4, 0, 5, 3]])
+    np.testing.assert_array_equal(rank_scores(s), [[1, 2, 4, 0, 5, 3]])
 
 
 def test_reference_ranked_first_is_removed():
@@ -43,7 +45,7 @@ def test_instance_with_several_gallery_images():
 def test_ties_from_scores():
     # a0 and a1 tie at the top; the lower index (a0) ranks first, so target a1 misses R@1 but R_ID@1 hits.
     scores = np.array([[0.9, 0.9, 0.2, 0.3, 0.1, 0.0]])
-    r = _recalls(M.rank_scores(scores), ["c0"], ["a1"], ks=(1, 2), id_ks=(1,))
+    r = _recalls(rank_scores(scores), ["c0"], ["a1"], ks=(1, 2), id_ks=(1,))
     assert r == {"R@1": 0.0, "R@2": 100.0, "R_ID@1": 100.0}
 
 
@@ -87,12 +89,12 @@ def test_truncated_topk_equals_full_ranking():
     tgts = [names[(names.index(r) + 1) % ng] for r in refs]
     kw = dict(gallery_names=names, gallery_instances=inst, reference_names=refs, target_names=tgts)
     kw.update(ks=(1, 5, 10), id_ks=(1, 5))
-    full = M.compute_recalls(M.rank_scores(scores), **kw)
+    full = M.compute_recalls(rank_scores(scores), **kw)
     # A top-11 list from the retrieval reference (same tie rule) gives the same numbers. One-hot queries
     # against gallery[g, 0, q] = scores[q, g] reproduce the score matrix exactly.
     scores = scores.astype(np.float32)
     _, top = topk_numpy(np.eye(nq, dtype=np.float32), scores.T[:, None, :], 11)
-    np.testing.assert_array_equal(top, M.rank_scores(scores)[:, :11])
+    np.testing.assert_array_equal(top, rank_scores(scores)[:, :11])
     assert M.compute_recalls(top, **kw) == full
     with pytest.raises(ValueError, match="cannot give @10"):
         M.compute_recalls(top[:, :10], **kw)
@@ -106,7 +108,7 @@ def test_aggregate_and_write(tmp_path):
     flat = M.aggregate(per)
     assert flat["fashion/R_ID@1"] == 80.0 and flat["car/R@10"] == 92.0
     assert flat["avg"] == pytest.approx((80 + 60 + 90 + 70 + 50 + 85) / 6)
-    path = M.write_metrics(tmp_path, flat)
+    path = outputs.write_metrics(tmp_path, flat)
     assert path == str(tmp_path / "eval" / "metrics.json")
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == flat
 
@@ -119,6 +121,6 @@ def test_aggregate_and_write(tmp_path):
         top=3,
     )
     assert recs == [{"query_id": "q0", "subset": "fashion", "ranking": ["b0", "a2", "a1"]}]
-    M.write_rankings(tmp_path, recs + recs)
+    outputs.write_rankings(tmp_path, recs + recs)
     lines = (tmp_path / "eval" / "rankings.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == recs + recs

@@ -23,11 +23,12 @@ import pytest
 from PIL import Image
 
 import oacirr_fixtures as fx
-from idmr_jax.data import boxes, image_ops, records, text
+from idmr_jax.data import boxes, grain_io, image_ops, text
 from idmr_jax.tasks.oacir import pipeline as oacir_pipeline
+from idmr_jax.tasks.oacir import records
 
 SIZE, GRID = 56, (4, 4)  # the tiny EVA of configs/oacir.py:tiny (56 px, patch 14); see the geometry test
-SPEC = oacir_pipeline.ImageSpec(size=SIZE, grid=GRID)
+SPEC = oacir_pipeline.ImageSpec(size=SIZE, grid=GRID, patch=14)
 NUM_QUERIES, BATCH = 40, 4
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +79,7 @@ def test_batches_have_the_model_inputs_and_the_right_values(train):
             ref_img = Image.open(train["paths"][cap["reference"]]).convert("RGB")
             pixels, final_box = image_ops.preprocess(ref_img, cap["reference_bounding_box"], SIZE)
             np.testing.assert_array_equal(batch["ref_pixels"][row], pixels)
-            mask = boxes.box_to_patch_mask(final_box, GRID, (SIZE, SIZE))
+            mask = boxes.box_to_patch_mask(final_box, GRID, (SIZE, SIZE), patch=SPEC.patch)
             np.testing.assert_array_equal(batch["box_mask"][row], mask)
             seen_box |= mask.sum() > 0
             seen_no_box |= cap["reference_bounding_box"] is None
@@ -131,7 +132,7 @@ def test_processes_see_disjoint_halves(train, monkeypatch):
 
 
 def test_process_share_drops_the_remainder():
-    shares = [range(41)[oacir_pipeline.process_share(41, i, 4)] for i in range(4)]
+    shares = [range(41)[grain_io.process_share(41, i, 4)] for i in range(4)]
     assert [len(s) for s in shares] == [10] * 4
     assert sorted(sum((list(s) for s in shares), [])) == list(range(40))
 
@@ -258,16 +259,16 @@ def test_adafocal_task_geometry_matches_the_pipeline():
 @pytest.mark.slow
 def test_eval_on_val_shards_writes_outputs(tmp_path):
     from configs import oacir
-    from idmr_jax.tasks.oacir import eval_shards as oacir_shards
-    from idmr_jax.tasks.oacir.task import AdaFocalTask
+    from idmr_jax.tasks.oacir.evaluate import evaluate_arrayrecord
+    from idmr_jax.tasks.oacir.task import OacirTask
 
     val = fx.build_converted(str(tmp_path / "raw"), str(tmp_path / "val"), split="val", num_queries=24,
                              num_instances=8, num_shards=2, gallery_shards=2)
     config = oacir.get_config("tiny")
     config.data.source, config.data.val_dir, config.data.num_workers = "arrayrecord", val["out"], 0
-    task = AdaFocalTask(config)
+    task = OacirTask(config)
     workdir = tmp_path / "work"
-    metrics = oacir_shards.evaluate(task.build_model(), config, task.model_config, str(workdir))
+    metrics = evaluate_arrayrecord(task.build_model(), config, task.model_config, str(workdir))
 
     out = workdir / "eval"
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(metrics)

@@ -16,12 +16,13 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from data_prep import oacirr
-from data_prep.shards import file_sha256
-from idmr_jax.data import records
+from data_prep import oacirr as oacirr_cli
+from idmr_jax.data.shards import file_sha256
+from idmr_jax.tasks.oacir import release
+from idmr_jax.tasks.oacir import records
 
 VARIANT, SPLIT = "Fashion", "val"
-IMG_DIR, ANNO_DIR = oacirr.VARIANTS[VARIANT]
+IMG_DIR, ANNO_DIR = release.VARIANTS[VARIANT]
 F_CAPS = f"{ANNO_DIR}/quadruple_captions/caption_full.{SPLIT}.json"
 F_SPLIT = f"{ANNO_DIR}/image_splits/split.{SPLIT}.json"
 F_BOXES = f"{ANNO_DIR}/image_bounding_box/bounding_box.{SPLIT}.json"
@@ -125,12 +126,12 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def serial(dataset, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("serial"))
-    result = oacirr.convert(dataset["root"], VARIANT, SPLIT, out, num_shards=4, gallery_shards=2, workers=1)
+    result = release.convert(dataset["root"], VARIANT, SPLIT, out, num_shards=4, gallery_shards=2, workers=1)
     return out, result
 
 
 def _shards(out: str) -> dict[str, bytes]:
-    names = sorted(n for n in os.listdir(out) if n.endswith(".array_record") or n == oacirr.MANIFEST)
+    names = sorted(n for n in os.listdir(out) if n.endswith(".array_record") or n == release.MANIFEST)
     return {n: open(os.path.join(out, n), "rb").read() for n in names}
 
 
@@ -151,7 +152,7 @@ def test_reports_exactly_the_broken_records(dataset, serial):
 
 def test_manifest_matches_shards(serial):
     out, result = serial
-    m = json.load(open(os.path.join(out, oacirr.MANIFEST)))
+    m = json.load(open(os.path.join(out, release.MANIFEST)))
     assert m == result.manifest
     for kind, total in (("queries", m["counts"]["queries"]), ("gallery", m["counts"]["gallery"])):
         entries = m["shards"][kind]
@@ -162,7 +163,7 @@ def test_manifest_matches_shards(serial):
             assert file_sha256(path) == e["sha256"] and os.path.getsize(path) == e["bytes"]
             assert len(records.read_shards([path])) == e["records"]
     assert set(m["sources"]["files"]) == {F_CAPS, F_SPLIT, F_BOXES}
-    assert "workers" not in m["args"] and m["tool"]["version"] == oacirr.TOOL_VERSION
+    assert "workers" not in m["args"] and m["tool"]["version"] == release.TOOL_VERSION
 
 
 def test_records_round_trip(dataset, serial):
@@ -195,8 +196,8 @@ def test_records_round_trip(dataset, serial):
 
 def test_strict_names_file_record_and_field(dataset, tmp_path, capsys):
     out = str(tmp_path / "strict")
-    with pytest.raises(oacirr.ConversionError) as err:
-        oacirr.convert(dataset["root"], VARIANT, SPLIT, out, strict=True)
+    with pytest.raises(release.ConversionError) as err:
+        release.convert(dataset["root"], VARIANT, SPLIT, out, strict=True)
     msg = str(err.value)
     nan_idx = next(s[1] for s in dataset["expected_skips"] if s[4] == "box_nonfinite")
     assert f"{F_CAPS}: record {nan_idx} ('img_00_1'), field 'reference_bounding_box': box has non-finite" in msg
@@ -205,44 +206,44 @@ def test_strict_names_file_record_and_field(dataset, tmp_path, capsys):
     assert not [n for n in os.listdir(out) if n.endswith(".array_record")]  # nothing written
     # The CLI reports the same and exits non-zero.
     argv = ["--root", dataset["root"], "--variant", VARIANT, "--split", SPLIT, "--out", out, "--strict"]
-    assert oacirr.main(argv) == 2
+    assert oacirr_cli.main(argv) == 2
     assert "field 'modification_text_mllm': empty text" in capsys.readouterr().err
 
 
 def test_resume_rewrites_only_missing_or_altered_shards(dataset, serial, tmp_path):
     out = str(tmp_path / "resume")
     kw = dict(num_shards=4, gallery_shards=2)
-    first = oacirr.convert(dataset["root"], VARIANT, SPLIT, out, **kw)
+    first = release.convert(dataset["root"], VARIANT, SPLIT, out, **kw)
     before = _shards(out)
     assert before == _shards(serial[0])  # idempotent across output folders
     stamps = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in before}
 
-    again = oacirr.convert(dataset["root"], VARIANT, SPLIT, out, **kw)
+    again = release.convert(dataset["root"], VARIANT, SPLIT, out, **kw)
     assert again.written == [] and len(again.reused) == 6 and _shards(out) == before
 
     victim, tampered = "queries-00001-of-00004.array_record", "gallery-00000-of-00002.array_record"
     os.remove(os.path.join(out, victim))
     with open(os.path.join(out, tampered), "ab") as f:
         f.write(b"x")
-    resumed = oacirr.convert(dataset["root"], VARIANT, SPLIT, out, **kw)
+    resumed = release.convert(dataset["root"], VARIANT, SPLIT, out, **kw)
     assert sorted(resumed.written) == sorted([victim, tampered])
     assert _shards(out) == before and resumed.manifest == first.manifest
     for n, t in stamps.items():
-        if n not in (victim, tampered, oacirr.MANIFEST):
+        if n not in (victim, tampered, release.MANIFEST):
             assert os.stat(os.path.join(out, n)).st_mtime_ns == t, n
     assert not [n for n in os.listdir(out) if ".tmp-" in n]
 
 
 def test_parallel_equals_serial(dataset, serial, tmp_path):
     out = str(tmp_path / "parallel")
-    result = oacirr.convert(dataset["root"], VARIANT, SPLIT, out, num_shards=4, gallery_shards=2, workers=2)
+    result = release.convert(dataset["root"], VARIANT, SPLIT, out, num_shards=4, gallery_shards=2, workers=2)
     assert len(result.written) == 6
     assert _shards(out) == _shards(serial[0])
 
 
 def test_max_side_reencodes_and_rescales_boxes(dataset, tmp_path):
     out = str(tmp_path / "small")
-    oacirr.convert(dataset["root"], VARIANT, SPLIT, out, max_side=32)
+    release.convert(dataset["root"], VARIANT, SPLIT, out, max_side=32)
     for g in records.read_shards(os.path.join(out, "gallery-*.array_record")):
         assert max(g.image_size) == 32 and g.orig_size == dataset["sizes"][g.name]
         with Image.open(io.BytesIO(g.image)) as im:
@@ -254,7 +255,7 @@ def test_max_side_reencodes_and_rescales_boxes(dataset, tmp_path):
 
 def test_union_subsets_are_read_off_the_path(tmp_path):
     root = str(tmp_path)
-    img_dir, anno_dir = oacirr.VARIANTS["Union"]
+    img_dir, anno_dir = release.VARIANTS["Union"]
     paths = {"a": "train/fashion/i1/a.png", "b": "train/OACIRR-Car/i2/b.png", "c": "misc/i3/c.png"}
     for rel in paths.values():
         os.makedirs(os.path.join(root, img_dir, os.path.dirname(rel)), exist_ok=True)
@@ -267,7 +268,7 @@ def test_union_subsets_are_read_off_the_path(tmp_path):
         os.makedirs(os.path.join(root, anno_dir, sub))
         json.dump(obj, open(os.path.join(root, anno_dir, sub, f"{name}.train.json"), "w"))
     out = str(tmp_path / "out")
-    m = oacirr.convert(root, "Union", "train", out).manifest
+    m = release.convert(root, "Union", "train", out).manifest
     gallery = records.read_shards(os.path.join(out, "gallery-*"))
     assert {g.name: (g.subset, g.instance, g.box) for g in gallery} == {
         "a": ("fashion", "i1", None), "b": ("car", "i2", (1.0, 1.0, 9.0, 7.0)), "c": ("union", "i3", None)}

@@ -12,7 +12,7 @@ from flax import nnx
 
 from configs import oacir
 from idmr_jax.models import adafocal as af
-from idmr_jax.tasks.oacir.task import AdaFocalTask
+from idmr_jax.tasks.oacir.task import OacirTask
 from idmr_jax.train import optim
 from idmr_jax.train.state import split_model
 
@@ -119,7 +119,7 @@ def tiny_trainable():
     """The trainable params of the tiny AdaFocal (abstract) and its task, as the trainer splits them."""
     config = oacir.get_config("tiny")
     config.model.qformer.vocab_size = 128
-    task = AdaFocalTask(config)
+    task = OacirTask(config)
     abstract = nnx.eval_shape(lambda: af.AdaFocal(task.model_config, rngs=nnx.Rngs(0)))
     _, trainable, _ = split_model(abstract, task.frozen_patterns)
     return trainable

@@ -143,6 +143,7 @@ def test_only_process_zero_writes(gcs, monkeypatch):
 
 
 def test_shard_listing_on_object_store(gcs):
+    from idmr_jax.data.grain_io import list_shards
     from idmr_jax.tasks.oacir import pipeline as oacir_pipeline
 
     folder = epath.Path("gs://bucket/data/train")
@@ -150,8 +151,8 @@ def test_shard_listing_on_object_store(gcs):
     for name in ("queries-00001-of-00002.array_record", "queries-00000-of-00002.array_record",
                  "gallery-00000-of-00001.array_record", "manifest.json"):
         (folder / name).write_bytes(b"")
-    assert oacir_pipeline.list_shards(str(folder), oacir_pipeline.QUERY_GLOB) == [
+    assert list_shards(str(folder), oacir_pipeline.QUERY_GLOB) == [
         "gs://bucket/data/train/queries-00000-of-00002.array_record",
         "gs://bucket/data/train/queries-00001-of-00002.array_record"]
     with pytest.raises(FileNotFoundError, match="gs://bucket/data/val"):
-        oacir_pipeline.list_shards("gs://bucket/data/val", oacir_pipeline.QUERY_GLOB)
+        list_shards("gs://bucket/data/val", oacir_pipeline.QUERY_GLOB)

@@ -16,7 +16,7 @@ from transformers import Blip2QFormerConfig
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings
 
 from idmr_jax.models.qformer import QFormer, QFormerConfig
-from idmr_jax.weights.blip2_names import (
+from idmr_jax.weights.blip2.names import (
     hf_qformer_config_kwargs,
     hf_qformer_rules,
     hf_text_embedding_rules,

@@ -18,7 +18,7 @@ from idmr_jax import sharding
 from idmr_jax.models.vit import VisionTransformer, patch_grid, vit_config
 from idmr_jax.weights import mapping
 from idmr_jax.weights.mapping import NameMap, WeightMismatchError
-from idmr_jax.weights import vit_names
+from idmr_jax.weights import vit as vit_weights
 
 TOL = 1e-4
 _IGNORE_LN_VISION = [r"post_layernorm\..*"]  # BLIP-2's ln_vision lives in the BLIP-2 assembly
@@ -71,10 +71,10 @@ def eva():
     """A tiny random Blip2VisionModel, its state dict and the matching converted flax params."""
     cfg = vit_config("eva-tiny")
     torch.manual_seed(0)
-    hf = Blip2VisionModel(vit_names.hf_vision_config(cfg)).eval()
+    hf = Blip2VisionModel(vit_weights.hf_vision_config(cfg)).eval()
     _randomise(hf, 0)
     sd = _state_dict(hf)
-    flat = NameMap(vit_names.hf_blip2_vision_rules(cfg)).torch_to_flax(sd, ignore=_IGNORE_LN_VISION)
+    flat = NameMap(vit_weights.hf_blip2_vision_rules(cfg)).torch_to_flax(sd, ignore=_IGNORE_LN_VISION)
     return cfg, hf, sd, flat
 
 
@@ -82,10 +82,10 @@ def eva():
 def clip():
     cfg = vit_config("clip-tiny")
     torch.manual_seed(0)
-    hf = CLIPVisionModel(vit_names.hf_vision_config(cfg)).eval()
+    hf = CLIPVisionModel(vit_weights.hf_vision_config(cfg)).eval()
     _randomise(hf, 1)
     sd = _state_dict(hf)
-    flat = NameMap(vit_names.hf_clip_vision_rules(cfg)).torch_to_flax(sd)
+    flat = NameMap(vit_weights.hf_clip_vision_rules(cfg)).torch_to_flax(sd)
     return cfg, hf, sd, flat
 
 
@@ -187,8 +187,8 @@ def test_bf16_compute_close_to_f32(eva):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_round_trip_hf_bit_exact(eva, clip, scan):
-    for (cfg, _, sd, flat), rules, ignore in ((eva, vit_names.hf_blip2_vision_rules, _IGNORE_LN_VISION),
-                                              (clip, vit_names.hf_clip_vision_rules, ())):
+    for (cfg, _, sd, flat), rules, ignore in ((eva, vit_weights.hf_blip2_vision_rules, _IGNORE_LN_VISION),
+                                              (clip, vit_weights.hf_clip_vision_rules, ())):
         cfg = dataclasses.replace(cfg, scan=scan)
         name_map = NameMap(rules(cfg))
         model = _load(cfg, flat)
@@ -207,8 +207,8 @@ def test_lavis_names_and_round_trip(eva):
         b = flat[f"encoder/layers/{i}/attn/qkv/bias"].copy()
         b[1] = 0
         flat[f"encoder/layers/{i}/attn/qkv/bias"] = b
-    lavis_map = NameMap(vit_names.lavis_eva_rules(cfg))
-    lavis_sd = vit_names.split_lavis_qkv_bias(lavis_map.flax_to_torch(flat))
+    lavis_map = NameMap(vit_weights.lavis_eva_rules(cfg))
+    lavis_sd = vit_weights.split_lavis_qkv_bias(lavis_map.flax_to_torch(flat))
     expected = {"cls_token": (1, 1, 64), "pos_embed": (1, 17, 64), "patch_embed.proj.weight": (64, 3, 14, 14),
                 "patch_embed.proj.bias": (64,)}
     for i in range(cfg.depth):
@@ -223,21 +223,21 @@ def test_lavis_names_and_round_trip(eva):
     assert {k: v.shape for k, v in lavis_sd.items()} == expected
     # Prefixed, as inside a LAVIS BLIP-2 state dict.
     prefixed = {f"visual_encoder.{k}": v for k, v in lavis_sd.items()} | {"ln_vision.weight": np.ones(64)}
-    fused = vit_names.fuse_lavis_qv_bias(prefixed, prefix="visual_encoder.")
-    back = NameMap(mapping.prefixed(vit_names.lavis_eva_rules(cfg), "visual_encoder.")).torch_to_flax(
+    fused = vit_weights.fuse_lavis_qv_bias(prefixed, prefix="visual_encoder.")
+    back = NameMap(mapping.prefixed(vit_weights.lavis_eva_rules(cfg), "visual_encoder.")).torch_to_flax(
         fused, ignore=[r"ln_vision\..*"])
     assert set(back) == set(flat) and all(np.array_equal(back[k], flat[k]) for k in flat)
     # A nonzero k bias cannot be written to LAVIS silently.
     flat["encoder/layers/0/attn/qkv/bias"][1, 0, 0] = 1.0
     with pytest.raises(WeightMismatchError, match=r"blocks\.0\.attn\.qkv\.bias"):
-        vit_names.split_lavis_qkv_bias(lavis_map.flax_to_torch(flat))
+        vit_weights.split_lavis_qkv_bias(lavis_map.flax_to_torch(flat))
     with pytest.raises(WeightMismatchError, match=r"blocks\.1\.attn\.q_bias"):
-        vit_names.fuse_lavis_qv_bias({k: v for k, v in lavis_sd.items() if k != "blocks.1.attn.v_bias"})
+        vit_weights.fuse_lavis_qv_bias({k: v for k, v in lavis_sd.items() if k != "blocks.1.attn.v_bias"})
 
 
 def test_strict_conversion_names_the_tensor(eva):
     cfg, _, sd, flat = eva
-    name_map = NameMap(vit_names.hf_blip2_vision_rules(cfg))
+    name_map = NameMap(vit_weights.hf_blip2_vision_rules(cfg))
     missing = {k: v for k, v in sd.items() if k != "encoder.layers.1.mlp.fc2.bias"}
     with pytest.raises(WeightMismatchError, match=r"encoder\.layers\.1\.mlp\.fc2\.bias"):
         name_map.torch_to_flax(missing, ignore=_IGNORE_LN_VISION)
@@ -257,12 +257,12 @@ def test_real_size_eva_g_names_and_shapes():
     """eva-g/14 matches transformers' Blip2VisionConfig defaults, and its name map fits the real-size shapes
     (2 of the 39 layers, built abstractly / on torch's meta device)."""
     cfg = vit_config("eva-g/14")
-    assert cfg == vit_names.vit_config_from_hf(Blip2VisionConfig())
+    assert cfg == vit_weights.vit_config_from_hf(Blip2VisionConfig())
     small = dataclasses.replace(cfg, depth=2, scan=True)
     with torch.device("meta"):
         hf = Blip2VisionModel(Blip2VisionConfig(num_hidden_layers=2))
     sd = {k: np.empty(tuple(v.shape), np.float32) for k, v in hf.state_dict().items()}
-    flat = NameMap(vit_names.hf_blip2_vision_rules(small)).torch_to_flax(sd, ignore=_IGNORE_LN_VISION)
+    flat = NameMap(vit_weights.hf_blip2_vision_rules(small)).torch_to_flax(sd, ignore=_IGNORE_LN_VISION)
     abstract = nnx.eval_shape(lambda: VisionTransformer(small, rngs=nnx.Rngs(0)))
     mapping.stack_for_model(flat, mapping.flatten_params(abstract))  # checks every name and shape
     total = sum(int(np.prod(v.shape)) for v in mapping.flatten_params(
@@ -276,11 +276,11 @@ def test_real_size_eva_g_names_and_shapes():
 def test_configs_round_trip_through_hf():
     for variant in ("eva-g/14", "L/14", "B/16", "eva-tiny", "clip-tiny"):
         cfg = vit_config(variant)
-        assert vit_names.vit_config_from_hf(vit_names.hf_vision_config(cfg)) == cfg
-    assert vit_config("L/14") == vit_names.vit_config_from_hf(
+        assert vit_weights.vit_config_from_hf(vit_weights.hf_vision_config(cfg)) == cfg
+    assert vit_config("L/14") == vit_weights.vit_config_from_hf(
         CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                          patch_size=14))
-    assert vit_names.vit_config_from_hf(Blip2VisionConfig(), scan=True).scan
+    assert vit_weights.vit_config_from_hf(Blip2VisionConfig(), scan=True).scan
 
 
 # ----------------------------------------------------------------------------------------------

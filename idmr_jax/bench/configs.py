@@ -113,9 +113,9 @@ def model_config(config: ml_collections.ConfigDict) -> AdaFocalConfig:
 
 
 def make_task(config: ml_collections.ConfigDict):
-    """An :class:`~idmr_jax.tasks.oacir.task.AdaFocalTask` whose model follows :func:`model_config`."""
-    from idmr_jax.tasks.oacir.task import AdaFocalTask
+    """An :class:`~idmr_jax.tasks.oacir.task.OacirTask` whose model follows :func:`model_config`."""
+    from idmr_jax.tasks.oacir.task import OacirTask
 
-    task = AdaFocalTask(config)
+    task = OacirTask(config)
     task.model_config = model_config(config)
     return task

@@ -4,7 +4,7 @@
 
 The pipeline is the trainer's (`idmr_jax.tasks.oacir.pipeline.train_iterator`: ArrayRecord read, JPEG decode,
 TargetPad/resize/crop/normalise, box mask, tokenisation, batching), measured by `idmr_jax.data.throughput` on the
-demo's real photos (the benchmark built once into the demo cache by `data_prep.demo_bench`, converted into one
+demo's real photos (the benchmark built once into the demo cache by `idmr_jax.data.demo_bench`, converted into one
 query shard per worker). The consumption rate is the median
 examples/s of the jitted train step at ``--step-config`` (the CPU demo config by default) on synthetic batches of
 the same shapes. ``headroom = pipeline examples/s / step examples/s``: above 1 the input is not the bottleneck.
@@ -36,16 +36,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     import jax
 
-    from data_prep import demo_bench, oacirr
     from idmr_jax.bench import configs, jax_step
     from idmr_jax.data import throughput
-    from idmr_jax.tasks.oacir import demo
+    from idmr_jax.data.demo_bench.builder import build_demo_benchmark
+    from idmr_jax.tasks.oacir import demo, release
     from idmr_jax.models.adafocal import grid
 
     config = configs.load(args.step_config, device_count=jax.device_count())
     mc = configs.model_config(config)
     gh, _ = grid(mc)
-    image_size = int(config.data.image_size)
+    image_size = int(mc.image_size)
     result = {"suite": "input", "machine": common.machine_info(), "step_config": args.step_config,
               "batch_size": int(config.data.batch_size)}
 
@@ -54,9 +54,9 @@ def run(args: argparse.Namespace) -> dict:
     workers = common.parse_ints(args.workers)
     d = configs.load("demo").data
     cache = args.demo_cache or demo.default_cache()
-    root = demo_bench.build_demo_benchmark(os.path.join(cache, "benchmark"), seed=d.demo_seed, size=args.demo_size)
+    root = build_demo_benchmark(os.path.join(cache, "benchmark"), seed=d.demo_seed, size=args.demo_size)
     train_dir = os.path.join(cache, f"bench-input-{args.demo_size}-seed{d.demo_seed}-{max(workers)}")
-    oacirr.convert(root, "Demo", "train", train_dir, num_shards=max(max(workers), 1))
+    release.convert(root, "Demo", "train", train_dir, num_shards=max(max(workers), 1))
     pipe = throughput.measure(train_dir, workers,
                               batch_size=int(config.data.batch_size), examples=args.examples,
                               image_size=image_size, patch=image_size // gh, read_threads=args.read_threads)

@@ -1,7 +1,7 @@
 """The JAX side of the step benchmarks: the trainer's own sharded train state and jitted, donated update.
 
 Nothing here re-implements the trainer: the state comes from `idmr_jax.train.state.create_train_state`, the step
-from `make_train_step` with the task's loss (`AdaFocalTask.loss_fn`), the optimiser from the config's recipe, and
+from `make_train_step` with the task's loss (`OacirTask.loss_fn`), the optimiser from the config's recipe, and
 the batch from the synthetic source (`idmr_jax.tasks.oacir.fake`) placed on the mesh once, so a timing covers the
 update alone (the `input` suite measures the data side).
 
@@ -25,8 +25,8 @@ from flax import nnx
 from idmr_jax import sharding as shd
 from idmr_jax.bench import configs
 from idmr_jax.tasks.oacir import fake
-from idmr_jax.train import optim
-from idmr_jax.train.state import batch_shardings, create_train_state, make_train_step, split_model
+from idmr_jax.train.setup import setup_state
+from idmr_jax.train.state import batch_shardings, make_train_step
 from idmr_jax.train.trainer import global_batch
 
 # The optimiser schedule's length: only its shape matters for timing.
@@ -152,18 +152,14 @@ def _build(config: ml_collections.ConfigDict, devices: int | None, vit_cache: bo
     if devices:
         mesh = shd.make_mesh({"data": devices, "fsdp": 1, "model": 1}, devices=jax.devices()[:devices])
     else:
-        mesh = shd.make_mesh(dict(config.sharding.mesh))
-    rules = tuple(tuple(r) for r in config.sharding.rules)
+        mesh = shd.mesh_from_config(config)
     bs = int(config.data.batch_size)
     if bs % mesh.size:
         raise ValueError(f"batch size {bs} does not divide over {mesh.size} devices")
+    setup = setup_state(task, total_steps=_SCHEDULE_STEPS, mesh=mesh)
+    rules, graphdef, state = setup.rules, setup.graphdef, setup.state
     with shd.axis_rules(mesh, rules):
-        _, abstract_trainable, _ = split_model(nnx.eval_shape(task.build_model), task.frozen_patterns)
-        optimizer, schedules = optim.make_optimizer(config.optim, abstract_trainable, _SCHEDULE_STEPS)
-        rng = jax.random.key_data(jax.random.key(config.seed))
-        graphdef, state, state_sh = create_train_state(task.build_model, task.frozen_patterns,
-                                                       lambda _: optimizer, rng, mesh, rules)
-        local = next(fake.FakeIterator(task._fake_spec(), bs, jax.process_index(), jax.process_count()))
+        local = next(fake.FakeIterator(task.fake_spec(), bs, jax.process_index(), jax.process_count()))
         batch_sh = batch_shardings(mesh, rules, local)
         batch = global_batch(local, batch_sh)
     step = JaxStep(config=config, task=task, mesh=mesh, rules=rules, graphdef=graphdef, state=state,
@@ -179,8 +175,8 @@ def _build(config: ml_collections.ConfigDict, devices: int | None, vit_cache: bo
             batch = global_batch(local, batch_sh)
         step.batch, step.local_batch = batch, local
     with shd.axis_rules(mesh, rules):
-        step.step_fn = make_train_step(graphdef, step_loss(task, mesh, vit_cache), optimizer, schedules, state_sh,
-                                       batch_sh)
+        step.step_fn = make_train_step(graphdef, step_loss(task, mesh, vit_cache), setup.optimizer, setup.schedules,
+                                       setup.state_shardings, batch_sh)
     return step
 
 

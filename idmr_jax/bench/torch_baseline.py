@@ -34,7 +34,7 @@ class BaselineStep:
         torch = _torch()
         import transformers
 
-        from idmr_jax.weights import blip2_names as bn
+        from idmr_jax.weights.blip2 import names as bn
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -42,6 +42,8 @@ class BaselineStep:
         if attn_implementation:
             hf_cfg._attn_implementation = attn_implementation
         full = transformers.Blip2ForImageTextRetrieval(hf_cfg)
+        if blip2_cfg.ln_vision_eps is not None:  # transformers takes the ViT's eps; the recipe's is LAVIS' 1e-5
+            full.vision_model.post_layernorm.eps = float(blip2_cfg.ln_vision_eps)
         missing, unexpected = full.load_state_dict({k: torch.from_numpy(np.array(v))
                                                     for k, v in flat_weights.items()}, strict=False)
         if missing or unexpected:
@@ -138,7 +140,7 @@ class BaselineStep:
 
 def from_jax(jstep, *, threads: int | None = None, attn_implementation: str | None = None) -> BaselineStep:
     """A :class:`BaselineStep` with the JAX step's current weights (`jstep`: a ``bench.jax_step.JaxStep``)."""
-    from idmr_jax.weights import blip2_names as bn
+    from idmr_jax.weights.blip2 import names as bn
 
     model = jstep.model()
     cfg = model.cfg.blip2

@@ -1,12 +1,20 @@
 """Box geometry for AdaFocal: box -> patch mask M_B, IoU, and box perturbations for the robustness study.
 
 M_B (released ``bbox_to_patch_mask`` in ``lavis/models/blip2_models/blip2_qformer_oacir_adafocal.py``) marks
-every patch the box touches: columns ``x1 // p`` up to ``ceil(x2 / p)`` (exclusive, clipped to the grid), rows
-likewise, token ``row * g + col + 1`` (index 0 is the CLS token and is never set); no box -> all zeros, so the
-activation bias ``beta * M_B`` vanishes. The released code handles a square 224/14 grid with integer boxes; here
-the same rule is written as ``floor(x1 * gw / W)`` / ``ceil(x2 * gw / W)`` so that it holds for any grid and
-any (also non-square) image, and for float boxes. ``x * g / W`` is used rather than ``x / (W / g)`` because it is
-exact whenever the true value is an integer.
+every patch the box touches, token ``row * gw + col + 1`` (index 0 is the CLS token and is never set); no box ->
+all zeros, so the activation bias ``beta * M_B`` vanishes. Which patches a box touches depends on what the
+encoder's grid is, so every caller says it (``patch``):
+
+* ``patch=p`` (ViT encoders, the official rule): columns ``floor(x1 / p)`` up to ``ceil(x2 / p)`` (exclusive,
+  clipped to the grid), rows likewise. This is what a stride-``p`` patch convolution sees: patch ``c`` covers
+  pixels ``[c p, (c + 1) p)`` whatever the image size, and pixels past the last whole patch are dropped (e.g.
+  230 px with patch 14: grid 16, and the last 6 px belong to no patch).
+* ``patch=None`` (encoders whose grid is not a patch grid, e.g. the laptop demo's EfficientNet stride-16 feature
+  map with "SAME" padding): the box is scaled to the grid, ``floor(x1 * gw / W)`` up to ``ceil(x2 * gw / W)``,
+  i.e. the grid cells evenly divide the image. ``x * g / W`` is used rather than ``x / (W / g)`` because it is
+  exact whenever the true value is an integer.
+
+Both rules agree whenever the image is a whole number of patches (224 px, patch 14, grid 16).
 
 Box perturbations (paper Table 10: the box rescaled to IoU 0.8, rescaled and shifted to IoU 0.5, or no box)
 are not in the released code; they are defined here, deterministic from a seed, and hit the IoU exactly (up
@@ -24,31 +32,37 @@ import numpy as np
 PERTURBATIONS = ("exact", "scale", "scale_shift", "none")
 
 
-def _patch_ranges(box, grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+def _cell_range(lo: float, hi: float, cells: int, extent: int, patch: int | None) -> tuple[int, int]:
+    """Half-open range of grid cells along one axis touched by [lo, hi], clipped to the grid."""
+    if patch is not None:
+        return max(0, math.floor(lo / patch)), min(cells, math.ceil(hi / patch))
+    return max(0, math.floor(lo * cells / extent)), min(cells, math.ceil(hi * cells / extent))
+
+
+def _patch_ranges(box, grid: tuple[int, int], image_size: tuple[int, int],
+                  patch: int | None) -> tuple[int, int, int, int]:
     """(row0, row1, col0, col1), half-open and clipped to the grid."""
-    gh, gw = grid
-    h, w = image_size
+    (gh, gw), (h, w) = grid, image_size
     x1, y1, x2, y2 = (float(v) for v in box)
-    c0 = max(0, math.floor(x1 * gw / w))
-    c1 = min(gw, math.ceil(x2 * gw / w))
-    r0 = max(0, math.floor(y1 * gh / h))
-    r1 = min(gh, math.ceil(y2 * gh / h))
+    r0, r1 = _cell_range(y1, y2, gh, h, patch)
+    c0, c1 = _cell_range(x1, x2, gw, w, patch)
     return r0, r1, c0, c1
 
 
 def box_to_patch_mask(
-    box, grid: tuple[int, int] = (16, 16), image_size: tuple[int, int] = (224, 224)
+    box, grid: tuple[int, int], image_size: tuple[int, int], *, patch: int | None
 ) -> np.ndarray:
     """float32 ``[1 + gh*gw]`` mask of the patch tokens covered by ``box = [x1, y1, x2, y2]`` (or None).
 
-    `grid` is ``(rows, cols)`` of patches and `image_size` is ``(H, W)`` in the box's pixel frame, so the patch
-    is ``H/gh x W/gw``. Entry 0 (CLS) stays 0; token ``row*gw + col + 1`` is 1 for every touched patch.
+    `grid` is ``(rows, cols)`` of tokens and `image_size` is ``(H, W)`` in the box's pixel frame. `patch`: the
+    ViT's patch size (the official rule), or None for a grid that is not a patch grid (the box is scaled to it);
+    see the module docstring. Entry 0 (CLS) stays 0; token ``row*gw + col + 1`` is 1 for every touched patch.
     """
     gh, gw = grid
     mask = np.zeros(1 + gh * gw, np.float32)
     if box is None:
         return mask
-    r0, r1, c0, c1 = _patch_ranges(box, grid, image_size)
+    r0, r1, c0, c1 = _patch_ranges(box, grid, image_size, patch)
     if r0 < r1 and c0 < c1:
         mask[1:].reshape(gh, gw)[r0:r1, c0:c1] = 1.0
     return mask
@@ -56,14 +70,16 @@ def box_to_patch_mask(
 
 def box_to_patch_mask_batch(
     boxes: jnp.ndarray,
-    valid: jnp.ndarray | None = None,
-    grid: tuple[int, int] = (16, 16),
-    image_size: tuple[int, int] = (224, 224),
+    valid: jnp.ndarray | None,
+    grid: tuple[int, int],
+    image_size: tuple[int, int],
+    *,
+    patch: int | None,
 ) -> jnp.ndarray:
     """Batched, jit-friendly :func:`box_to_patch_mask`: ``boxes [B, 4]`` and ``valid [B]`` -> ``[B, 1+gh*gw]``.
 
     Rows whose `valid` flag is False (the "no box" case; the box values are then ignored) are all zeros.
-    Same rounding as the NumPy version; `grid` and `image_size` are static.
+    Same rounding and the same `patch` rule as the NumPy version; `grid`, `image_size` and `patch` are static.
     """
     gh, gw = grid
     h, w = image_size
@@ -71,11 +87,16 @@ def box_to_patch_mask_batch(
     x1, y1, x2, y2 = (boxes[:, i, None] for i in range(4))
     cols = jnp.arange(gw, dtype=jnp.float32)[None]
     rows = jnp.arange(gh, dtype=jnp.float32)[None]
-    # Patch c is covered iff floor(x1*gw/W) <= c < ceil(x2*gw/W), i.e. x1*gw < (c+1)*W and c*W < x2*gw.
-    # Written without division because XLA turns x/const into x*(1/const), which is inexact at patch borders;
-    # the comparisons also clip to the grid for free.
-    col_in = (x1 * gw < (cols + 1) * w) & (cols * w < x2 * gw)
-    row_in = (y1 * gh < (rows + 1) * h) & (rows * h < y2 * gh)
+    # Cell c covers [c*W/gw, (c+1)*W/gw) (scaled) or [c*p, (c+1)*p) (patch): it is touched iff floor(x1/size) <= c
+    # < ceil(x2/size), i.e. x1 < (c+1)*size and c*size < x2, written here multiplied through by gw (scaled)
+    # because XLA turns x/const into x*(1/const), which is inexact at cell borders. The comparisons also clip to
+    # the grid for free.
+    if patch is not None:
+        col_in = (x1 < (cols + 1) * patch) & (cols * patch < x2)
+        row_in = (y1 < (rows + 1) * patch) & (rows * patch < y2)
+    else:
+        col_in = (x1 * gw < (cols + 1) * w) & (cols * w < x2 * gw)
+        row_in = (y1 * gh < (rows + 1) * h) & (rows * h < y2 * gh)
     patches = (row_in[:, :, None] & col_in[:, None, :]).reshape(boxes.shape[0], gh * gw)
     if valid is not None:
         patches = patches & jnp.asarray(valid, bool)[:, None]

@@ -38,7 +38,7 @@ def bundled_tokenizer_dir() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
-def _bert_tokenizer_class():
+def bert_tokenizer_class():
     """The fast (Rust) BERT tokenizer class: ``BertTokenizerFast`` in transformers 4, ``BertTokenizer`` in 5
     (which dropped the separate ``*Fast`` names; its ``BertTokenizer`` is the tokenizers-backed one)."""
     import transformers
@@ -70,7 +70,7 @@ class Tokenizer:
         """(input_ids int32 [N, L], attention_mask int32 [N, L])."""
         with self._lock:
             if self._tok is None:
-                self._tok = _bert_tokenizer_class().from_pretrained(self.directory, local_files_only=True)
+                self._tok = bert_tokenizer_class().from_pretrained(self.directory, local_files_only=True)
             enc = self._tok(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
                             return_tensors="np")
         return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)

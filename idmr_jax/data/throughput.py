@@ -25,9 +25,9 @@ def measure(shards: str, workers: Sequence[int] = (0, 1, 2), *, batch_size: int 
     """Examples/s of the train pipeline over `shards` for each worker count in `workers` (see module doc)."""
     import ml_collections
 
-    from idmr_jax.tasks.oacir import pipeline as oacir_pipeline
+    from idmr_jax.tasks.oacir import pipeline
 
-    spec = oacir_pipeline.ImageSpec(size=image_size, grid=(image_size // patch, image_size // patch))
+    spec = pipeline.ImageSpec(size=image_size, grid=(image_size // patch, image_size // patch), patch=patch)
     results = []
     for num_workers in workers:
         config = ml_collections.ConfigDict()
@@ -35,7 +35,7 @@ def measure(shards: str, workers: Sequence[int] = (0, 1, 2), *, batch_size: int 
             train_dir=shards, batch_size=batch_size, num_workers=num_workers, shuffle_seed=seed, tokenizer="",
             max_text_len=32, text_entity=False, roi_crop=False, read_threads=read_threads))
         t0 = time.perf_counter()
-        with oacir_pipeline.train_iterator(config, spec=spec) as it:
+        with pipeline.train_iterator(config, spec=spec) as it:
             next(it)
             startup = time.perf_counter() - t0
             n_batches = max(1, -(-examples // batch_size))

@@ -7,7 +7,7 @@ bfloat16: they are then multiplied as bf16 with float32 accumulation against a q
 (:func:`split_query`), which keeps float32-query accuracy at the speed of bf16 matrix units; float32 galleries
 are scored in float32.
 
-Tie rule (shared with :mod:`idmr_jax.tasks.oacir.metrics`): higher score first, and among equal scores the
+Tie rule (shared with :mod:`idmr_jax.evaluation.ranking`): higher score first, and among equal scores the
 lower gallery index first. It holds because ``lax.top_k`` puts the lower position first on ties and every merge
 concatenates candidates in increasing gallery-index order (the running top-k, sorted by (score desc, index
 asc) and holding only earlier indices, then the new chunk; across devices, shard 0 first). Scores must be finite

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from idmr_jax.losses.contrastive import BATCH_AXES, check_inputs, similarity
+from idmr_jax.losses.similarity import BATCH_AXES, check_inputs, similarity
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ from flax import nnx
 from idmr_jax.models import layers as L
 from idmr_jax.models.qformer import QFormer, QFormerConfig
 from idmr_jax.models.vision import VisionConfig, build_vision_encoder, vision_layer_norm_eps
-from idmr_jax.models.vit import vit_config
+from idmr_jax.models.vit import ViTConfig, vit_config
 from idmr_jax.sharding import constrain
 
 Array = jax.Array
@@ -50,6 +50,25 @@ class Blip2Config:
         if self.qformer.encoder_hidden_size != self.vision.width:
             raise ValueError(f"qformer.encoder_hidden_size ({self.qformer.encoder_hidden_size}) must equal the ViT "
                              f"width ({self.vision.width})")
+
+
+# LAVIS (``Blip2Base.init_vision_encoder``) builds ``ln_vision`` as torch's ``nn.LayerNorm(width)``: eps 1e-5.
+LAVIS_LN_VISION_EPS = 1e-5
+
+
+def ln_vision_eps_for(init_format: str, vision: VisionConfig) -> float | None:
+    """The ``Blip2Config.ln_vision_eps`` of a model whose weights come from `init_format`.
+
+    * ``hf_blip2``: None, the ViT's eps, as transformers' ``Blip2ForImageTextRetrieval`` builds ``post_layernorm``
+      (which holds LAVIS' ``ln_vision``) with the vision config's ``layer_norm_eps`` (1e-6 for EVA-g);
+    * a ViT with any other source (none, ``lavis_blip2``, ``lavis_adafocal``, ``bert``): the LAVIS / AdaFocal
+      recipe, torch's default 1e-5;
+    * a non-ViT encoder (the laptop demo's EfficientNet): None (1e-6); no official model exists to follow, and
+      keeping it keeps the demo's published numbers.
+    """
+    if init_format == "hf_blip2" or not isinstance(vision, ViTConfig):
+        return None
+    return LAVIS_LN_VISION_EPS
 
 
 def blip2_config(variant: str = "pretrain", **overrides) -> Blip2Config:

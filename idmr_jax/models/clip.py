@@ -4,7 +4,7 @@
 -> ``visual_projection``; ``text`` (:class:`~idmr_jax.models.clip_text.CLIPTextTransformer`) -> ``pooled`` (EOS
 token) -> ``text_projection``; ``logit_scale`` (a scalar, the log of the inverse temperature). IDMR keeps a
 detection crop when the cosine similarity of its image features with "a photo of a {category}" exceeds 0.2
-(:func:`clip_score`).
+(:func:`clip_score`). Loading a transformers checkpoint: :func:`idmr_jax.weights.clip.load_hf_clip`.
 
 Flax param paths: ``vision/...`` (idmr_jax.models.vit), ``text/...`` (idmr_jax.models.clip_text),
 ``visual_projection/kernel`` [Dv, E], ``text_projection/kernel`` [Dt, E], ``logit_scale`` [].
@@ -13,7 +13,6 @@ Flax param paths: ``vision/...`` (idmr_jax.models.vit), ``text/...`` (idmr_jax.m
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -92,22 +91,3 @@ def clip_score(model: CLIPModel, pixels: jax.Array, input_ids: jax.Array,
     prompt "a photo of a {category}")."""
     return model(pixels, input_ids, attention_mask)
 
-
-def load_hf_clip(folder: str | os.PathLike, **overrides) -> tuple[CLIPModel, CLIPConfig]:
-    """A :class:`CLIPModel` with the weights of a transformers ``CLIPModel`` folder (config.json + safetensors;
-    a sharded index or a ``pytorch_model.bin`` read with ``weights_only=True`` work too), loaded strictly.
-
-    `overrides` set execution fields on both towers (``dtype``, ``scan``, ``remat``, ...).
-    """
-    from idmr_jax.weights import clip_names, io
-    from idmr_jax.weights.mapping import load_into
-
-    hf_cfg = io.read_hf_config(folder)
-    if hf_cfg is None:
-        raise FileNotFoundError(f"{folder}: no config.json (expected a transformers CLIPModel folder)")
-    cfg = clip_names.clip_config_from_hf(hf_cfg, **overrides)
-    sd = io.load_torch_state_dict(folder)
-    flat = clip_names.hf_clip_map(cfg).torch_to_flax(sd, source=str(folder), ignore=clip_names.HF_CLIP_IGNORED)
-    model = nnx.eval_shape(lambda: CLIPModel(cfg, rngs=nnx.Rngs(0)))
-    load_into(model, flat, source=str(folder))
-    return model, cfg

@@ -6,7 +6,7 @@ RMSNorm; ``logits`` applies ``lm_head`` (or the embedding matrix when ``tie_word
 
 * RMSNorm: statistics in float32, ``weight * normed.astype(input dtype)`` as transformers.
 * RoPE: default rope only (``inv_freq = theta ** -(2i / head_dim)``, rotate-half layout); other
-  ``rope_scaling`` / ``rope_parameters`` types are rejected by the config translators.
+  ``rope_scaling`` / ``rope_parameters`` types are rejected by the config translators (:mod:`idmr_jax.weights.decoder_lm`).
 * Biases: Qwen2 has q/k/v biases and a bias-free o_proj (``attention_bias`` defaults to True for "qwen2");
   Llama's ``attention_bias`` puts a bias on all four projections and ``mlp_bias`` on the MLP.
 * ``attention_mask`` ``[B, T]`` (1 = token, 0 = padding, left or right) masks keys; causal masking always.
@@ -50,6 +50,7 @@ from flax import nnx
 from idmr_jax.models import layers as L
 from idmr_jax.models import lora as lora_lib
 from idmr_jax.models.lora import LoRAConfig
+from idmr_jax.models.rotary import apply_rope, positions_from_mask, rope_cos_sin
 from idmr_jax.sharding import constrain
 
 FAMILIES = ("qwen2", "llama")
@@ -116,133 +117,7 @@ class DecoderLMConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# transformers config <-> DecoderLMConfig.
-
-_HF_MODEL_TYPE = {"qwen2": "qwen2", "llama": "llama"}
-_HF_ARCH = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
-
-
-def _rope_theta(c: Mapping[str, Any]) -> float:
-    params = c.get("rope_parameters")
-    if params is None:  # transformers 4.x config.json: top-level rope_theta (+ optional rope_scaling)
-        scaling = c.get("rope_scaling") or {}
-        params = {"rope_theta": c.get("rope_theta", 10000.0),
-                  "rope_type": scaling.get("rope_type", scaling.get("type", "default"))}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"rope type {rope_type!r} is not implemented (only the default rotary embedding); "
-                         f"config rope parameters: {params}")
-    return float(params.get("rope_theta", 10000.0))
-
-
-def _common_from_hf(c: Mapping[str, Any], family: str) -> dict[str, Any]:
-    if c.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{family} config: hidden_act {c.get('hidden_act')!r} is not supported (only silu)")
-    return dict(
-        family=family,
-        vocab_size=int(c["vocab_size"]),
-        hidden_size=int(c["hidden_size"]),
-        intermediate_size=int(c["intermediate_size"]),
-        num_layers=int(c["num_hidden_layers"]),
-        num_heads=int(c["num_attention_heads"]),
-        num_kv_heads=int(c.get("num_key_value_heads") or c["num_attention_heads"]),
-        head_dim=int(c["head_dim"]) if c.get("head_dim") is not None else None,
-        rope_theta=_rope_theta(c),
-        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(c.get("max_position_embeddings", 32768)),
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        initializer_range=float(c.get("initializer_range", 0.02)),
-    )
-
-
-def _as_dict(hf_config: Any) -> dict[str, Any]:
-    return dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
-
-
-def qwen2_config_from_hf(hf_config: Any, **overrides) -> DecoderLMConfig:
-    """A :class:`DecoderLMConfig` from a transformers ``Qwen2Config`` (or its dict / ``config.json``);
-    `overrides` set execution options (dtype, scan, remat, lora, ...). Sliding-window layers are rejected."""
-    c = _as_dict(hf_config)
-    if c.get("model_type", "qwen2") != "qwen2":
-        raise ValueError(f"expected a qwen2 config, got model_type {c.get('model_type')!r}")
-    layer_types = c.get("layer_types") or []
-    if c.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
-        raise ValueError(f"qwen2 config uses sliding-window attention (use_sliding_window="
-                         f"{c.get('use_sliding_window')}, layer_types={layer_types}); not implemented")
-    return DecoderLMConfig(**{**_common_from_hf(c, "qwen2"), "attention_bias": True, **overrides})
-
-
-def llama_config_from_hf(hf_config: Any, **overrides) -> DecoderLMConfig:
-    """A :class:`DecoderLMConfig` from a transformers ``LlamaConfig`` (or its dict / ``config.json``)."""
-    c = _as_dict(hf_config)
-    if c.get("model_type", "llama") != "llama":
-        raise ValueError(f"expected a llama config, got model_type {c.get('model_type')!r}")
-    kwargs = _common_from_hf(c, "llama")
-    kwargs.update(attention_bias=bool(c.get("attention_bias", False)), mlp_bias=bool(c.get("mlp_bias", False)))
-    return DecoderLMConfig(**{**kwargs, **overrides})
-
-
-def config_from_hf(hf_config: Any, **overrides) -> DecoderLMConfig:
-    """Dispatches on ``model_type`` ("qwen2" | "llama")."""
-    c = _as_dict(hf_config)
-    translate = {"qwen2": qwen2_config_from_hf, "llama": llama_config_from_hf}
-    if c.get("model_type") not in translate:
-        raise ValueError(f"unsupported decoder model_type {c.get('model_type')!r}; known: {sorted(translate)}")
-    return translate[c["model_type"]](c, **overrides)
-
-
-def hf_config_dict(cfg: DecoderLMConfig) -> dict[str, Any]:
-    """The transformers ``config.json`` dict of `cfg` (``Qwen2Config(**d)`` / ``LlamaConfig(**d)`` accept it)."""
-    d: dict[str, Any] = dict(
-        model_type=_HF_MODEL_TYPE[cfg.family],
-        architectures=[_HF_ARCH[cfg.family]],
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        hidden_act="silu",
-        max_position_embeddings=cfg.max_position_embeddings,
-        initializer_range=cfg.initializer_range,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        attention_dropout=0.0,
-    )
-    if cfg.head_dim is not None:
-        d["head_dim"] = cfg.head_dim
-    if cfg.family == "llama":
-        d.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
-        d.setdefault("head_dim", cfg.dim_per_head)
-    else:
-        d.update(use_sliding_window=False, sliding_window=None)
-    return d
-
-
-# ----------------------------------------------------------------------------------------------
 # Building blocks.
-
-
-def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
-    """transformers' generation positions: ``cumsum(mask) - 1`` per row, 0 on padding."""
-    m = attention_mask.astype(jnp.int32)
-    return jnp.where(m > 0, jnp.cumsum(m, axis=-1) - 1, 0)
-
-
-def rope_cos_sin(position_ids: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos / sin ``[B, T, head_dim]`` of the default rotary embedding (computed in float32, then cast)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on ``[B, T, heads, head_dim]`` with cos/sin ``[B, T, head_dim]``."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
 def attention_bias(attention_mask: jax.Array | None, batch: int, q_len: int, kv_len: int | None = None,

@@ -8,6 +8,7 @@ statistics, softmax) run in float32 whatever the compute dtype.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +28,16 @@ DType = Any
 def trunc_normal(std: float = 0.02) -> Callable:
     """Truncated normal (at +-2 std) initialiser, the ViT/BERT default."""
     return jax.nn.initializers.truncated_normal(stddev=std)
+
+
+def kaiming_uniform_a_sqrt5(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32,
+                            *, fan_in: int) -> jax.Array:
+    """torch ``kaiming_uniform_(w, a=sqrt(5))`` on a ``[r, fan_in]`` weight: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    PEFT's init of a LoRA ``A`` matrix; it lives here, next to :class:`Dense` that creates the adapter, so that
+    ``models.lora`` (which imports ``Dense``) is not imported back by this module."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, tuple(shape), dtype, minval=-bound, maxval=bound)
 
 
 def make_param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Axes, dtype: DType) -> nnx.Param:
@@ -106,8 +117,6 @@ class Dense(nnx.Module):
         return y
 
     def _init_lora(self, lora, in_axes: Axes, out_axes: Axes, rngs: nnx.Rngs) -> None:
-        from idmr_jax.models.lora import kaiming_uniform_a_sqrt5
-
         r, pdt = int(lora.rank), jnp.dtype(lora.param_dtype)
         fan_in = int(np.prod(self.in_features))
         # PEFT: A ~ kaiming_uniform(a=sqrt(5)) of the [r, in] torch weight, B = 0 (a fresh adapter is a no-op).

@@ -79,7 +79,7 @@ class LlavaConfig:
                              f"{type(self.vision).__name__} gives its output tokens only: set it to None")
         if not 0 <= self.image_token_id < self.text.vocab_size:
             raise ValueError(f"image_token_id {self.image_token_id} is outside the vocabulary ({self.text.vocab_size})")
-        pooling._validate(self.pooling, self.pooling_token_id)
+        pooling.validate_pooling(self.pooling, self.pooling_token_id)
         L.activation(self.projector_hidden_act)
 
     @property

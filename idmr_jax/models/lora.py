@@ -78,13 +78,6 @@ def maybe(lora: LoRAConfig | None, name: str) -> LoRAConfig | None:
     return lora if lora is not None and lora.applies_to(name) else None
 
 
-def kaiming_uniform_a_sqrt5(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32,
-                            *, fan_in: int) -> jax.Array:
-    """torch ``kaiming_uniform_(w, a=sqrt(5))`` on a ``[r, fan_in]`` weight: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, tuple(shape), dtype, minval=-bound, maxval=bound)
-
-
 # ----------------------------------------------------------------------------------------------
 # Trainable / frozen split.
 

@@ -28,7 +28,8 @@ METHODS = ("last", "eos", "before_token", "mean")
 _NEEDS_TOKEN = ("eos", "before_token")
 
 
-def _validate(method: str, token_id: int | None) -> None:
+def validate_pooling(method: str, token_id: int | None) -> None:
+    """Raises ValueError for an unknown pooling method, or one that needs a token id without one."""
     if method not in METHODS:
         raise ValueError(f"unknown pooling method {method!r}; known: {METHODS}")
     if method in _NEEDS_TOKEN and token_id is None:
@@ -38,7 +39,7 @@ def _validate(method: str, token_id: int | None) -> None:
 def pool_positions(attention_mask: jax.Array, input_ids: jax.Array | None, *, method: str,
                    token_id: int | None = None) -> tuple[jax.Array, jax.Array]:
     """(positions [B] int32, valid [B] bool): the index each row pools at (methods other than "mean")."""
-    _validate(method, token_id)
+    validate_pooling(method, token_id)
     if method == "mean":
         raise ValueError("'mean' pools over all attended positions, not at one position")
     mask = jnp.asarray(attention_mask).astype(bool)
@@ -70,7 +71,7 @@ def pool(hidden: jax.Array, attention_mask: jax.Array, input_ids: jax.Array | No
 
     Rows with nothing to pool come out as NaN (see the module docstring).
     """
-    _validate(method, token_id)
+    validate_pooling(method, token_id)
     mask = jnp.asarray(attention_mask)
     if method == "mean":
         w = mask.astype(jnp.float32)[..., None]
@@ -88,7 +89,7 @@ def pool(hidden: jax.Array, attention_mask: jax.Array, input_ids: jax.Array | No
 def check_poolable(attention_mask, input_ids=None, *, method: str, token_id: int | None = None,
                    what: str = "batch") -> None:
     """Eagerly raises ``ValueError`` naming the rows of `what` that `method` cannot pool (numpy inputs)."""
-    _validate(method, token_id)
+    validate_pooling(method, token_id)
     mask = np.asarray(attention_mask).astype(bool)
     if method in ("last", "mean"):
         bad = ~mask.any(axis=-1)

@@ -36,6 +36,13 @@ def vision_grid(cfg: VisionConfig, image_size: int) -> tuple[int, int]:
     return (side, side)
 
 
+def mask_patch_size(cfg: VisionConfig) -> int | None:
+    """The ``patch`` a box mask on this encoder's grid is rasterised with (``idmr_jax.data.boxes``): the ViT's patch
+    size (the official rule, what its patch convolution sees), None for the EfficientNet feature map, whose "SAME"
+    padded stride-16 grid is not a patch grid (the box is scaled to it)."""
+    return cfg.patch_size if isinstance(cfg, ViTConfig) else None
+
+
 def vision_layer_norm_eps(cfg: VisionConfig) -> float:
     """Epsilon for BLIP-2's ``ln_vision`` when the config does not set one (transformers: the ViT's eps)."""
     return getattr(cfg, "layer_norm_eps", 1e-6)

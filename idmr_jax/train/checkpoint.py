@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any, Protocol
 
 import jax
@@ -22,6 +23,7 @@ from absl import logging
 from etils import epath
 
 from idmr_jax import runtime
+from idmr_jax.train import workdir as layout
 
 
 class StatefulIterator(Protocol):
@@ -78,10 +80,11 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 
 
 class Checkpointer:
-    """Async, keep-N checkpoints of {state, data iterator, config} under ``WORKDIR/checkpoints``."""
+    """Async, keep-N checkpoints of {state, data iterator, config} under ``WORKDIR/checkpoints`` (layout:
+    :mod:`idmr_jax.train.workdir`)."""
 
     def __init__(self, workdir: str | epath.Path, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = epath.Path(workdir) / "checkpoints"
+        self.directory = layout.checkpoints_dir(workdir)
         # Orbax's first cross-process sync (creating the directory) is a collective: line the processes up first.
         runtime.barrier("checkpointer")
         self.manager = ocp.CheckpointManager(
@@ -91,18 +94,18 @@ class Checkpointer:
         )
 
     def save(self, step: int, state: Any, data_iterator: StatefulIterator | None, config: dict) -> None:
-        items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+        items = {layout.STATE_ITEM: ocp.args.StandardSave(state), layout.CONFIG_ITEM: ocp.args.JsonSave(config)}
         if data_iterator is not None:
-            items["data"] = DataStateSave(_iterator_state_json(data_iterator))
+            items[layout.DATA_ITEM] = DataStateSave(_iterator_state_json(data_iterator))
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore_latest(self, target_state: Any, data_iterator: StatefulIterator | None) -> tuple[Any, int] | None:
         """Restores the newest readable checkpoint into `target_state`'s structure and shardings."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
         for step in sorted(self.manager.all_steps(), reverse=True):
-            items = {"state": ocp.args.StandardRestore(abstract)}
+            items = {layout.STATE_ITEM: ocp.args.StandardRestore(abstract)}
             if data_iterator is not None:
-                items["data"] = DataStateRestore()
+                items[layout.DATA_ITEM] = DataStateRestore()
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except DataStateMismatchError:
@@ -113,8 +116,8 @@ class Checkpointer:
                 print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}); falling back to the previous one")
                 continue
             if data_iterator is not None:
-                _restore_iterator(data_iterator, restored["data"])
-            return restored["state"], step
+                _restore_iterator(data_iterator, restored[layout.DATA_ITEM])
+            return restored[layout.STATE_ITEM], step
         return None
 
     def wait(self) -> None:
@@ -123,6 +126,17 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_model_state(step_dir: str | epath.Path, target: dict) -> dict:
+    """Reads only the model's fields of a saved TrainState (Orbax partial restore; the optimiser state is not read).
+
+    `target`: ``{"params": ..., "frozen": ...}`` of ``jax.ShapeDtypeStruct`` carrying the shardings to restore
+    into (see ``idmr_jax.train.setup.abstract_model_state``).
+    """
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        return checkpointer.restore(os.fspath(epath.Path(step_dir) / layout.STATE_ITEM), args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
 
 
 def config_to_json(config) -> dict:

@@ -7,17 +7,20 @@ frozen ViT) and everything else (e.g. RNG counters). Only the trainable state is
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from idmr_jax import sharding as shd
+from idmr_jax.weights import mapping
 
 LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
 
@@ -106,3 +109,35 @@ def batch_shardings(mesh: Mesh, rules, batch_example: dict) -> dict:
     """Shards every batch array on its leading (batch) axis over the mesh's batch axes."""
     spec = shd.logical_to_pspec(("batch",), rules)
     return {k: NamedSharding(mesh, PartitionSpec(*spec, *([None] * (v.ndim - 1)))) for k, v in batch_example.items()}
+
+
+def flat_variables(state: nnx.State) -> dict[str, nnx.Variable]:
+    """The variables of `state` by ``/``-joined path (``"blip2/qformer/layers/0/..."``)."""
+    return {"/".join(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
+
+
+def write_into_state(train_state: TrainState, flat: Mapping[str, np.ndarray], *, source: str
+                     ) -> tuple[TrainState, list[str]]:
+    """Writes converted params (trainable or frozen, by flat path) into `train_state` on their existing shardings.
+
+    Per-layer tensors (``layers/0/...``) are stacked for scanned modules. Returns (the state, the written paths);
+    a path whose shape differs from the model's raises :class:`~idmr_jax.weights.mapping.WeightMismatchError`.
+    """
+    targets = {**flat_variables(train_state.params), **flat_variables(train_state.frozen)}
+    model_shapes = {k: v.get_value() for k, v in targets.items()}
+    covered = {path: value for path, value in flat.items() if path in targets}
+    rest = {k: v for k, v in flat.items() if k not in covered}
+    if rest:
+        # Stack per-layer tensors for scanned modules, restricted to the params this checkpoint covers.
+        want = {k: model_shapes[k] for k in model_shapes
+                if k not in covered and mapping.stacked_layer_keys(k, rest)}
+        covered.update(mapping.stack_for_model(rest, want, source=source))
+    for path, value in covered.items():
+        var = targets[path]
+        current = var.get_value()
+        if tuple(np.shape(value)) != tuple(current.shape):
+            raise mapping.WeightMismatchError(
+                f"{source}: {path!r} has shape {tuple(np.shape(value))}, the model expects {tuple(current.shape)}")
+        var.set_value(jax.device_put(np.asarray(value).astype(current.dtype), current.sharding))
+    logging.info("%s: loaded %d tensors", source, len(covered))
+    return train_state, sorted(covered)

@@ -25,9 +25,9 @@ from flax import nnx
 from idmr_jax import runtime
 from idmr_jax import sharding as shd
 from idmr_jax.train import checkpoint as ckpt_lib
-from idmr_jax.train import optim
 from idmr_jax.train.metric_writer import MetricWriter
-from idmr_jax.train.state import batch_shardings, create_train_state, make_train_step, split_model
+from idmr_jax.train.setup import setup_state
+from idmr_jax.train.state import batch_shardings, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -73,20 +73,15 @@ def train_and_evaluate(task: Task, workdir: str | epath.Path) -> dict:
     config = task.config
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh = shd.make_mesh(dict(config.sharding.mesh))
-    rules = tuple(tuple(r) for r in config.sharding.rules)
+    mesh = shd.mesh_from_config(config)
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
     data_iter = task.train_iterator()
     total_steps = total_train_steps(config, getattr(data_iter, "steps_per_epoch", None))
+    setup = setup_state(task, total_steps=total_steps, mesh=mesh)
+    rules, graphdef, state = setup.rules, setup.graphdef, setup.state
 
     with shd.axis_rules(mesh, rules):
-        _, abstract_trainable, _ = split_model(nnx.eval_shape(task.build_model), task.frozen_patterns)
-        optimizer, schedules = optim.make_optimizer(config.optim, abstract_trainable, total_steps)
-        rng = jax.random.key_data(jax.random.key(config.seed))
-        graphdef, state, state_sh = create_train_state(
-            task.build_model, task.frozen_patterns, lambda _: optimizer, rng, mesh, rules)
-
         checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.get("keep_checkpoints", 3),
                                              async_save=config.train.get("async_checkpoints", True))
         restored = checkpointer.restore_latest(state, data_iter)
@@ -117,7 +112,8 @@ def train_and_evaluate(task: Task, workdir: str | epath.Path) -> dict:
             local = model_inputs(next(data_iter))
             if train_step is None:
                 batch_sh = batch_shardings(mesh, rules, local)
-                step_fn = make_train_step(graphdef, task.bind_mesh(mesh), optimizer, schedules, state_sh, batch_sh)
+                step_fn = make_train_step(graphdef, task.bind_mesh(mesh), setup.optimizer, setup.schedules,
+                                          setup.state_shardings, batch_sh)
                 batch = global_batch(local, batch_sh)
                 # Compiled ahead of the first step, which every process then starts together (runtime.barrier).
                 train_step = step_fn.lower(state, batch).compile()
@@ -158,15 +154,11 @@ def train_and_evaluate(task: Task, workdir: str | epath.Path) -> dict:
 
 def evaluate_only(task: Task, workdir: str | epath.Path) -> dict:
     """Restores the latest checkpoint in `workdir` (or the pretrained/initial weights) and evaluates."""
-    config = task.config
     workdir = epath.Path(workdir)
-    mesh = shd.make_mesh(dict(config.sharding.mesh))
-    rules = tuple(tuple(r) for r in config.sharding.rules)
-    with shd.axis_rules(mesh, rules):
-        _, abstract_trainable, _ = split_model(nnx.eval_shape(task.build_model), task.frozen_patterns)
-        optimizer, _ = optim.make_optimizer(config.optim, abstract_trainable, 1)
-        rng = jax.random.key_data(jax.random.key(config.seed))
-        graphdef, state, _ = create_train_state(task.build_model, task.frozen_patterns, lambda _: optimizer, rng, mesh, rules)
+    # The optimiser state is only a restore target here: its schedule length does not matter.
+    setup = setup_state(task, total_steps=1)
+    mesh, graphdef, state = setup.mesh, setup.graphdef, setup.state
+    with shd.axis_rules(mesh, setup.rules):
         checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
         restored = checkpointer.restore_latest(state, None)
         step = 0

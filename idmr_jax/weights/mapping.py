@@ -164,8 +164,9 @@ def unflatten_params(flat: Mapping[str, Array]) -> dict:
     return root
 
 
-def _stack_source(model_path: str, flat: Mapping[str, Array]) -> list[str] | None:
-    """Per-layer keys whose stack forms the scanned param `model_path`, or None."""
+def stacked_layer_keys(model_path: str, flat: Mapping[str, Array]) -> list[str] | None:
+    """The per-layer keys of `flat` (``a/0/b``, ``a/1/b``, ...) whose stack forms the scanned param `model_path`
+    (``a/b``), or None if `flat` has no layer 0 for it."""
     parts = model_path.split("/")
     for k in range(len(parts)):
         first = "/".join(parts[:k] + ["0"] + parts[k:])
@@ -186,7 +187,7 @@ def stack_for_model(flat: Mapping[str, Array], model_flat: Mapping[str, Array], 
     for path, ref in model_flat.items():
         if path in flat:
             out[path], keys = flat[path], [path]
-        elif (keys := _stack_source(path, flat)) is not None:
+        elif (keys := stacked_layer_keys(path, flat)) is not None:
             out[path] = np.stack([flat[k] for k in keys])
         else:
             raise WeightMismatchError(f"{source}: model param {path!r} has no tensor in the checkpoint")

@@ -1,12 +1,12 @@
 """Reading training workdirs: the model config and params of a checkpoint written by ``python -m idmr_jax.main``.
 
-A training workdir holds Orbax checkpoints ``WORKDIR/checkpoints/<step>/`` (see ``idmr_jax.train.checkpoint``)
-with the items ``state`` (a ``TrainState``: step, trainable ``params``, ``frozen`` params and RNG variables,
-``opt_state``, ``rng``), ``config`` (the resolved ml_collections config as JSON) and ``data`` (the iterator).
-:func:`restore` takes either the workdir (its latest step) or one step directory, rebuilds the model config
-from the saved config (``idmr_jax.tasks.oacir.task.model_config``) and reads only the model params: the
-optimiser state is never read. Every param of the rebuilt model must be in the checkpoint with the same
-shape, or the error names it. Paths may be local or ``gs://`` (etils.epath).
+The layout of a workdir (``WORKDIR/checkpoints/<step>/{state,config,data}``) belongs to
+:mod:`idmr_jax.train.workdir`; its lookups are re-exported here for the export path. :func:`restore` takes either
+the workdir (its latest step) or one step directory, rebuilds the model config from the saved config through the
+task registry (``idmr_jax.tasks.model_config_of``) and reads only the model params of the ``state`` item (a
+``TrainState``: trainable ``params``, ``frozen`` params and RNG variables): the optimiser state is never read.
+Every param of the rebuilt model must be in the checkpoint with the same shape, or the error names it. Paths may
+be local or ``gs://`` (etils.epath).
 """
 
 from __future__ import annotations
@@ -21,11 +21,19 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from idmr_jax import tasks
+from idmr_jax.train.workdir import (  # noqa: F401 - the layout lookups, re-exported for the export path
+    CHECKPOINTS_DIR,
+    CONFIG_ITEM,
+    STATE_ITEM,
+    find_checkpoint,
+    is_step_dir,
+    is_training_source,
+    read_config,
+)
+from idmr_jax.weights import io
 from idmr_jax.weights.mapping import WeightMismatchError, flatten_params
 
-CHECKPOINTS_DIR = "checkpoints"
-STATE_ITEM = "state"
-CONFIG_ITEM = "config"
 # TrainState fields that hold model variables: trainable params, and frozen params next to RNG variables.
 _PARAM_ITEMS = ("params", "frozen")
 
@@ -38,71 +46,15 @@ class TrainedCheckpoint:
     step_dir: epath.Path
     step: int
     config: ml_collections.ConfigDict  # the resolved training config
-    kind: str  # "adafocal"
+    kind: str  # the model kind (weights.io.MODEL_KINDS), e.g. "adafocal"
     model_config: Any  # e.g. an AdaFocalConfig
     flat: dict[str, np.ndarray]
 
 
-def _steps(checkpoints: epath.Path) -> list[int]:
-    # Orbax writes a step into a temporary name and renames it when done: only all-digit names are finished.
-    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and (p / STATE_ITEM).exists())
-
-
-def is_step_dir(path) -> bool:
-    """True for ``WORKDIR/checkpoints/<step>`` (holds the ``state`` and ``config`` items)."""
-    path = epath.Path(path)
-    return path.name.isdigit() and (path / STATE_ITEM).is_dir() and (path / CONFIG_ITEM).is_dir()
-
-
-def is_training_source(path) -> bool:
-    """True if `path` is a training workdir (``checkpoints/<step>/``) or one of its step directories."""
-    path = epath.Path(path)
-    return is_step_dir(path) or (path / CHECKPOINTS_DIR).is_dir()
-
-
-def find_checkpoint(path) -> tuple[epath.Path, int]:
-    """(step directory, step) for a workdir (its latest finished step) or a step directory."""
-    path = epath.Path(path)
-    if is_step_dir(path):
-        return path, int(path.name)
-    checkpoints = path / CHECKPOINTS_DIR
-    if not checkpoints.is_dir():
-        raise FileNotFoundError(f"{path}: not a training workdir (no {CHECKPOINTS_DIR}/) nor a checkpoint step "
-                                f"directory (no {STATE_ITEM}/ and {CONFIG_ITEM}/)")
-    steps = _steps(checkpoints)
-    if not steps:
-        raise FileNotFoundError(f"{checkpoints}: holds no finished checkpoint (no <step>/{STATE_ITEM})")
-    return checkpoints / str(steps[-1]), steps[-1]
-
-
-def read_config(step_dir) -> ml_collections.ConfigDict:
-    """The resolved training config saved with a checkpoint."""
-    import orbax.checkpoint as ocp
-
-    step_dir = epath.Path(step_dir)
-    if not (step_dir / CONFIG_ITEM).is_dir():
-        raise FileNotFoundError(f"{step_dir}: no {CONFIG_ITEM}/ item (not written by idmr_jax.main?)")
-    data = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / CONFIG_ITEM)
-    return ml_collections.ConfigDict(data)
-
-
-def model_config_of(config: ml_collections.ConfigDict) -> tuple[str, Any]:
-    """(kind, model config dataclass) of a training config; only the ``adafocal`` task is known."""
-    task = config.get("task")
-    if task != "adafocal":
-        raise ValueError(f"config.task is {task!r}; only 'adafocal' training checkpoints can be read")
-    from idmr_jax.tasks.oacir.task import model_config
-
-    return "adafocal", model_config(config.model)
-
-
 def build_abstract(kind: str, cfg) -> nnx.Module:
     """The module of `cfg` as abstract arrays (nothing is allocated; fine for ViT-g)."""
-    if kind != "adafocal":
-        raise ValueError(f"unknown model kind {kind!r}")
-    from idmr_jax.models.adafocal import AdaFocal
-
-    return nnx.eval_shape(lambda: AdaFocal(cfg, rngs=nnx.Rngs(0)))
+    _, model_cls = io.model_classes(kind)
+    return nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
 
 
 def _host_device():
@@ -130,7 +82,7 @@ def restore(path) -> TrainedCheckpoint:
 
     step_dir, step = find_checkpoint(path)
     config = read_config(step_dir)
-    kind, cfg = model_config_of(config)
+    kind, cfg = tasks.model_config_of(config)
     model_params = flatten_params(nnx.state(build_abstract(kind, cfg), nnx.Param))
 
     state_dir = step_dir / STATE_ITEM
@@ -198,11 +150,9 @@ def load_module(kind: str, cfg, flat: dict[str, np.ndarray], *, seed: int = 0, s
     """
     import jax.numpy as jnp
 
-    from idmr_jax.models.adafocal import AdaFocal
     from idmr_jax.weights.mapping import stack_for_model, unflatten_params
 
-    if kind != "adafocal":
-        raise ValueError(f"unknown model kind {kind!r}")
+    _, model_cls = io.model_classes(kind)
     graphdef, params, abstract_rest = nnx.split(build_abstract(kind, cfg), nnx.Param, ...)
     wanted = flatten_params(params)
     fresh = tuple(fresh)
@@ -211,7 +161,7 @@ def load_module(kind: str, cfg, flat: dict[str, np.ndarray], *, seed: int = 0, s
         raise WeightMismatchError(f"{source}: {given} are both given and to be freshly initialised")
 
     def init():
-        values = flatten_params(nnx.state(AdaFocal(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+        values = flatten_params(nnx.state(model_cls(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
         return {p: values[p] for p in fresh}
 
     fresh_values = jax.jit(init)() if fresh else {}
@@ -257,8 +207,6 @@ def read_source(path) -> ModelSource:
         return ModelSource(ck.kind, ck.model_config, ck.flat,
                            {"training_checkpoint": str(ck.step_dir), "step": ck.step},
                            max_text_len=ck.config.get("data", {}).get("max_text_len"))
-    from idmr_jax.weights import io
-
     if not (epath.Path(path) / io.MODEL_CONFIG_FILE).exists():
         raise FileNotFoundError(f"{path}: neither a training workdir ({CHECKPOINTS_DIR}/<step>/), a checkpoint step "
                                 f"directory ({STATE_ITEM}/ + {CONFIG_ITEM}/), nor a converted model directory "

@@ -16,6 +16,7 @@ import dataclasses
 
 import numpy as np
 
+from idmr_jax.data.grain_io import process_batch_rows
 from idmr_jax.tasks.idmr.pipeline import PromptSpec, assemble
 
 
@@ -83,16 +84,13 @@ class FakeTripletIterator:
     """Endless seeded iterator over the pool; yields this process's rows of each global batch."""
 
     def __init__(self, spec: FakeTripletSpec, global_batch: int, process_index: int = 0, process_count: int = 1):
-        if global_batch % process_count:
-            raise ValueError(f"global batch {global_batch} does not divide over {process_count} processes")
+        self.rows = process_batch_rows(global_batch, process_index, process_count)
         if spec.num_hard_negatives >= spec.scenes_per_instance:
             raise ValueError(f"{spec.num_hard_negatives} hard negatives need more than that many scenes per "
                              f"instance, got {spec.scenes_per_instance}")
         self.spec, self.global_batch = spec, global_batch
         self.pool = make_pool(spec)
         self.n = len(self.pool["instance"])
-        lo, hi = process_index * global_batch // process_count, (process_index + 1) * global_batch // process_count
-        self.rows = slice(lo, hi)
         self.position = 0
         self.steps_per_epoch = max(self.n // global_batch, 1)
 

@@ -20,25 +20,27 @@ bicubic resize, CLIP normalisation.
 demo benchmark; this is the IDMR-bench evaluation setting). ``other_image`` reads every training record once at
 start-up to index instances, so it is meant for small sets; records without a partner keep their own crop.
 
-Order and resumption are as in `idmr_jax.tasks.oacir.pipeline` (per-process share, per-epoch reshuffle, the
-iterator state saved with each checkpoint); the partner choice is a Grain ``RandomMap``, so it is reproducible.
+Order and resumption are as in `idmr_jax.tasks.oacir.pipeline` (`idmr_jax.data.grain_io`: per-process share,
+per-epoch reshuffle, the iterator state saved with each checkpoint); the partner choice is a Grain ``RandomMap``,
+so it is reproducible.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import threading
 from collections import defaultdict
 
 import grain
 import numpy as np
-from PIL import Image
 
-from idmr_jax.data import image_ops, records
-from idmr_jax.tasks.idmr import records as triplets
-from idmr_jax.tasks.oacir.pipeline import _Iterator, _RecordReader, ensure_flags_parsed, process_share
+from idmr_jax.data import image_ops
+from idmr_jax.data.grain_io import (CheckpointableIterator, RecordReader, batched_iterator, check_worker_count,
+                                    decode_image, plan_process)
+from idmr_jax.data.records import shard_paths
+from idmr_jax.tasks.idmr import records
+from idmr_jax.tasks.idmr.records import TripletRecord
 
 IMAGE_PLACEHOLDER = "<image>"
 QUERY_TEMPLATE = "<image>\n Find an image that contains this object in the described scene: {caption}"
@@ -121,7 +123,7 @@ class PromptTokenizer:
 
                 self._tok = transformers.AutoTokenizer.from_pretrained(self.directory, local_files_only=True)
             else:
-                self._tok = text._bert_tokenizer_class().from_pretrained(text.bundled_tokenizer_dir(),
+                self._tok = text.bert_tokenizer_class().from_pretrained(text.bundled_tokenizer_dir(),
                                                                          local_files_only=True)
         return self._tok
 
@@ -142,21 +144,15 @@ class PromptTokenizer:
         return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
 
-def decode_jpeg(data: bytes, *, source: str) -> Image.Image:
-    try:
-        return Image.open(io.BytesIO(data)).convert("RGB")
-    except Exception as e:  # noqa: BLE001 - a broken image names its record and field
-        raise ValueError(f"{source}: image does not decode ({type(e).__name__}: {e})") from e
-
-
 def pixels(data: bytes, size: int, pad_ratio: float, *, source: str) -> np.ndarray:
     """float32 ``[size, size, 3]`` CLIP-normalised pixels of an encoded image."""
-    return image_ops.preprocess(decode_jpeg(data, source=source), None, size, pad_ratio)[0]
+    return image_ops.preprocess(decode_image(data, source=source), None, size, pad_ratio)[0]
 
 
-def decode_record(data: bytes, *, source: str) -> triplets.TripletRecord:
+def decode_record(data: bytes, *, source: str) -> TripletRecord:
+    """A triplet record; a malformed one raises ValueError naming `source` (shard pattern and key) and the field."""
     try:
-        return triplets.decode(data)
+        return records.decode(data)
     except records.RecordError as e:
         raise ValueError(f"{source}: {e}") from e
 
@@ -174,7 +170,7 @@ class ReadPair(grain.transforms.Map):
     """``(key, crop_key)`` -> ``(key, record bytes, crop record bytes)``."""
 
     def __init__(self, paths: list[str]):
-        self.reader = _RecordReader(paths)
+        self.reader = RecordReader(paths)
 
     def map(self, element):
         key, crop_key = (element, element) if np.ndim(element) == 0 else element
@@ -219,7 +215,7 @@ class TripletExample(grain.transforms.Map):
         }
 
 
-def instance_partners(recs: list[triplets.TripletRecord]) -> dict[int, list[int]]:
+def instance_partners(recs: list[TripletRecord]) -> dict[int, list[int]]:
     """For each record index, the indices of records of the same instance in *other* images."""
     by_instance = defaultdict(list)
     for i, r in enumerate(recs):
@@ -228,7 +224,7 @@ def instance_partners(recs: list[triplets.TripletRecord]) -> dict[int, list[int]
             for i, r in enumerate(recs)}
 
 
-def train_iterator(config, spec: PromptSpec, cand_spec: PromptSpec, image_size: int) -> _Iterator:
+def train_iterator(config, spec: PromptSpec, cand_spec: PromptSpec, image_size: int) -> CheckpointableIterator:
     """Training iterator over ``data.train_dir/data.train_glob`` (this process's rows of each global batch).
 
     Keys (per-process batch b): query_pixels / cand_pixels float32 [b,S,S,3], query_ids / query_mask int32
@@ -237,37 +233,24 @@ def train_iterator(config, spec: PromptSpec, cand_spec: PromptSpec, image_size: 
     """
     d = config.data
     if not d.train_dir:
-        raise ValueError("config.data.train_dir is empty: point it at the output of `python -m data_prep.idmr_synth`")
+        raise ValueError("config.data.train_dir is empty: point it at the output of `python -m data_prep.idmr_synth` "
+                         "(for source='demo', call idmr_jax.tasks.prepare_data(config) first, as main does)")
     if d.query_crop not in QUERY_CROPS:
         raise ValueError(f"config.data.query_crop must be one of {QUERY_CROPS}, got {d.query_crop!r}")
     pattern = os.path.join(d.train_dir, d.train_glob)
-    paths = records.shard_paths(pattern)
-    shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    if d.batch_size % shard.shard_count:
-        raise ValueError(f"global batch {d.batch_size} does not divide over {shard.shard_count} processes")
-    if d.num_workers > max(len(paths) // shard.shard_count, 1):
-        raise ValueError(f"{d.num_workers} data workers but only {len(paths)} shards for {shard.shard_count} "
-                         "host(s): lower config.data.num_workers or synthesise with more shards")
-    n = len(_RecordReader(paths))
-    share = process_share(n, shard.shard_index, shard.shard_count)
-    per_host, local_batch = len(range(n)[share]), d.batch_size // shard.shard_count
-    if per_host < local_batch:
-        raise ValueError(f"{pattern}: {n} triplets give {per_host} per process, fewer than the per-process batch "
-                         f"{local_batch}")
+    paths = shard_paths(pattern)
+    check_worker_count(d.num_workers, len(paths), remedy="synthesise with more shards")
+    n = len(RecordReader(paths))
+    plan = plan_process(n, d.batch_size, what=f"triplets ({pattern})")
     tokenizer = PromptTokenizer(d.tokenizer, spec)
-    ds = grain.MapDataset.range(n)[share].shuffle(seed=d.shuffle_seed).repeat()
+    ds = grain.MapDataset.range(n)[plan.keys].shuffle(seed=d.shuffle_seed).repeat()
     if d.query_crop == "other_image":
-        ds = ds.random_map(PickPartner(instance_partners(triplets.read_shards(paths))), seed=d.shuffle_seed)
+        ds = ds.random_map(PickPartner(instance_partners(records.read_shards(paths))), seed=d.shuffle_seed)
     ds = ds.map(ReadPair(paths))
     prompts = Prompts(d.query_template, d.candidate_template)
     ds = ds.map(TripletExample(tokenizer, PromptTokenizer(d.tokenizer, cand_spec), image_size, d.pad_ratio, prompts,
                                pattern))
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(d.get("read_threads", 2), 1), prefetch_buffer_size=64))
-    ds = ds.batch(local_batch, drop_remainder=True)
-    if d.num_workers > 0:
-        ensure_flags_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
-    return _Iterator(iter(ds), steps_per_epoch=per_host // local_batch)
+    return batched_iterator(ds, plan, num_workers=d.num_workers, read_threads=d.get("read_threads", 2))
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -281,7 +264,7 @@ class EvalSet:
     ``query_records`` / ``crop_records`` index the records list.
     """
 
-    records: list[triplets.TripletRecord]
+    records: list[TripletRecord]
     gallery_records: list[int]  # one record per gallery image (its image bytes)
     gallery_names: list[str]
     gallery_instances: list[list[str]]  # instances shown in each gallery image
@@ -291,7 +274,7 @@ class EvalSet:
     skipped: dict[str, int]
 
 
-def build_eval_set(recs: list[triplets.TripletRecord], *, query_crop: str = "auto", max_queries: int = 0
+def build_eval_set(recs: list[TripletRecord], *, query_crop: str = "auto", max_queries: int = 0
                    ) -> EvalSet:
     """Queries from triplet records; see `EvalSet`.
 
@@ -335,4 +318,5 @@ def build_eval_set(recs: list[triplets.TripletRecord], *, query_crop: str = "aut
 
 
 def eval_set_from_shards(pattern: str, **kw) -> EvalSet:
-    return build_eval_set(triplets.read_shards(pattern), **kw)
+    """`build_eval_set` over every triplet of the shards matching `pattern`."""
+    return build_eval_set(records.read_shards(pattern), **kw)

@@ -52,9 +52,9 @@ def model_config(m: ml_collections.ConfigDict) -> LlavaConfig:
     if m.init.format == "hf_llava" and m.init.path:
         import dataclasses
 
-        from idmr_jax.weights import io, llava_names
+        from idmr_jax.weights import llava, torch_io
 
-        cfg = llava_names.llava_config_from_hf(io.read_hf_config(m.init.path))
+        cfg = llava.llava_config_from_hf(torch_io.read_hf_config(m.init.path))
         text = dataclasses.replace(cfg.text, dtype=t.dtype, param_dtype=t.param_dtype, remat=t.remat, scan=t.scan,
                                    lora=lora)
         vision = dataclasses.replace(cfg.vision, dtype=v.dtype)
@@ -119,19 +119,28 @@ class IdmrTask:
     """What the trainer needs for an MLLM embedder; see :class:`idmr_jax.train.trainer.Task`."""
 
     def __init__(self, config: ml_collections.ConfigDict):
+        # Cheap and pure: nothing is read from disk here. A "demo" source is made ready by
+        # `idmr_jax.tasks.prepare_data`; the model config (which may read a checkpoint's config.json) is lazy.
         self.config = config
-        if config.data.source == "demo":
-            from idmr_jax.tasks.idmr import demo as idmr_demo
-
-            idmr_demo.prepare(config)  # builds/reuses the demo triplets and points config.data at them
-        self.model_config = model_config(config.model)
         self.frozen_patterns = frozen_patterns(config.model)
-        grid = vision_grid(self.model_config.vision, config.data.image_size)
-        self.image_tokens = self.model_config.image_tokens(grid)
+
+    @functools.cached_property
+    def model_config(self) -> LlavaConfig:
+        """`model_config` of ``config.model``, on first use (``hf_llava`` reads the checkpoint's config.json)."""
+        return model_config(self.config.model)
+
+    @functools.cached_property
+    def image_tokens(self) -> int:
+        """Image placeholder tokens per prompt: the vision grid's features at ``config.data.image_size``."""
+        return self.model_config.image_tokens(vision_grid(self.model_config.vision, self.config.data.image_size))
+
+    @functools.cached_property
+    def vision_frozen(self) -> bool:
+        """True when no vision-tower parameter trains (found on an abstract model, built on first use). A frozen
+        tower is then run once per step outside GradCache (its features become the cached inputs), instead of in
+        both GradCache passes."""
         trainable = nnx.state(nnx.eval_shape(self.build_model), self._trainable())
-        # A frozen tower is run once per step outside GradCache (its features become the cached inputs), instead
-        # of in both GradCache passes.
-        self.vision_frozen = not any(str(path[0]) == "vision" for path, _ in nnx.to_flat_state(trainable))
+        return not any(str(path[0]) == "vision" for path, _ in nnx.to_flat_state(trainable))
 
     # ------------------------------------------------------------------ model
     def build_model(self) -> LlavaEmbedder:
@@ -140,11 +149,11 @@ class IdmrTask:
 
     def load_pretrained(self, state, mesh):
         """Packaged EfficientNet weights for the demo's vision tower; a transformers LLaVA with ``hf_llava``."""
-        from idmr_jax.tasks.oacir.pretrained import write_into_state
+        from idmr_jax.train.state import write_into_state
 
         flat = {}
         if isinstance(self.model_config.vision, EfficientNetEncoderConfig):
-            from idmr_jax.weights.efficientnet_names import checkpoint_flat, pretrained_efficientnet_lite0
+            from idmr_jax.weights.efficientnet import checkpoint_flat, pretrained_efficientnet_lite0
 
             encoder = pretrained_efficientnet_lite0(self.model_config.vision)
             flat.update({f"vision/{k}": np.asarray(v) for k, v in checkpoint_flat(encoder).items()})
@@ -153,10 +162,10 @@ class IdmrTask:
             if not init.path:
                 raise ValueError("config.model.init.format is 'hf_llava' but config.model.init.path is empty: give "
                                  "the transformers LLaVA checkpoint folder, or set format='' to train from scratch")
-            from idmr_jax.weights import io
-            from idmr_jax.weights.llava_convert import convert_state_dict
+            from idmr_jax.weights.llava import convert_state_dict
+            from idmr_jax.weights.torch_io import load_torch_state_dict
 
-            converted, _ = convert_state_dict(io.load_torch_state_dict(init.path, float_dtype=np.float32),
+            converted, _ = convert_state_dict(load_torch_state_dict(init.path, float_dtype=np.float32),
                                               self.model_config, source=init.path)
             flat.update(converted)
         elif init.format:
@@ -223,6 +232,7 @@ class IdmrTask:
         return spec
 
     def fake_spec(self):
+        """The synthetic triplet pool's spec (``data.source == "fake"``; also the fake evaluation's)."""
         from idmr_jax.tasks.idmr.fake import FakeTripletSpec
 
         d = self.config.data
@@ -239,14 +249,14 @@ class IdmrTask:
             return FakeTripletIterator(self.fake_spec(), d.batch_size, jax.process_index(), jax.process_count())
         if d.num_hard_negatives:
             raise ValueError("hard negatives are produced by the fake source only; set data.num_hard_negatives=0")
-        from idmr_jax.tasks.idmr import pipeline as idmr_pipeline
+        from idmr_jax.tasks.idmr import pipeline
 
-        return idmr_pipeline.train_iterator(self.config, self.prompt_spec("query"), self.prompt_spec("candidate"),
-                                            d.image_size)
+        return pipeline.train_iterator(self.config, self.prompt_spec("query"), self.prompt_spec("candidate"),
+                                       d.image_size)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: LlavaEmbedder, workdir: epath.Path, step: int) -> dict:
         """Instance retrieval R@K / R_ID@K; writes WORKDIR/eval/metrics.json and rankings.jsonl."""
-        from idmr_jax.tasks.idmr import evaluate as idmr_eval
+        from idmr_jax.tasks.idmr.evaluate import evaluate
 
-        return idmr_eval.evaluate(self, model, epath.Path(workdir))
+        return evaluate(self, model, epath.Path(workdir))

@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 
 from idmr_jax.data.boxes import box_to_patch_mask
+from idmr_jax.data.grain_io import process_batch_rows
 
 CLS_ID, SEP_ID, PAD_ID = 101, 102, 0
 
@@ -54,7 +55,7 @@ def make_pool(spec: FakeSpec) -> dict[str, np.ndarray]:
         tgt[i, ty:ty + patch.shape[0], tx:tx + patch.shape[1]] = patch
         boxes[i] = (x, y, x + patch.shape[1], y + patch.shape[0])
         if i % 4 != 3:  # every fourth query has no box: its mask stays zero and beta has no effect
-            masks[i] = box_to_patch_mask(boxes[i], (g, g), (s, s))
+            masks[i] = box_to_patch_mask(boxes[i], (g, g), (s, s), patch=spec.patch_size)
     ids = np.full((n, spec.text_len), PAD_ID, np.int32)
     att = np.zeros((n, spec.text_len), np.int32)
     for i in range(n):
@@ -73,12 +74,9 @@ class FakeIterator:
     """Endless seeded iterator over the pool; yields this process's rows of each global batch."""
 
     def __init__(self, spec: FakeSpec, global_batch: int, process_index: int = 0, process_count: int = 1):
-        if global_batch % process_count:
-            raise ValueError(f"global batch {global_batch} does not divide over {process_count} processes")
+        self.rows = process_batch_rows(global_batch, process_index, process_count)
         self.spec, self.global_batch = spec, global_batch
         self.pool = make_pool(spec)
-        self.rows = slice(process_index * global_batch // process_count,
-                          (process_index + 1) * global_batch // process_count)
         self.position = 0  # global examples consumed so far
         self.steps_per_epoch = max(spec.pool // global_batch, 1)
 

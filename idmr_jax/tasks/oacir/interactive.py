@@ -18,19 +18,20 @@ import os
 import textwrap
 from collections.abc import Iterable, Sequence
 
-import jax
 import ml_collections
 import numpy as np
-from etils import epath
 from flax import nnx
 from PIL import Image, ImageDraw
 
 from idmr_jax import sharding as shd
-from idmr_jax.data import image_ops, records, text
-from idmr_jax.tasks.oacir import pipeline as oacir_pipeline
+from idmr_jax import tasks
+from idmr_jax.data import image_ops, text
 from idmr_jax.data.boxes import box_to_patch_mask
-from idmr_jax.tasks.oacir import visualize
+from idmr_jax.data.grain_io import decode_image
+from idmr_jax.tasks.oacir import pipeline, records, visualize
 from idmr_jax.tasks.oacir.evaluate import FeatureEncoder
+from idmr_jax.train import checkpoint, setup
+from idmr_jax.train import workdir as layout
 
 GREY = (150, 150, 150)
 
@@ -45,23 +46,10 @@ class Ranking:
     beta: float
 
 
-def _latest_step(workdir) -> tuple[epath.Path, int]:
-    ckpt_dir = epath.Path(workdir) / "checkpoints"
-    steps = sorted(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit() and (p / "state").exists()) \
-        if ckpt_dir.exists() else []
-    if not steps:
-        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint (train first: python -m idmr_jax.main ... --workdir=...)")
-    return ckpt_dir / str(steps[-1]), steps[-1]
-
-
 def load_config(workdir) -> ml_collections.ConfigDict:
     """The resolved config saved with the latest checkpoint in `workdir` (what the model was trained with)."""
-    import orbax.checkpoint as ocp
-
-    step_dir, step = _latest_step(workdir)
-    with ocp.CheckpointManager(step_dir.parent) as manager:
-        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    return ml_collections.ConfigDict(saved)
+    step_dir, _ = layout.latest_step(workdir)
+    return layout.read_config(step_dir)
 
 
 def restore_model(config: ml_collections.ConfigDict, workdir):
@@ -70,27 +58,10 @@ def restore_model(config: ml_collections.ConfigDict, workdir):
     Only the model's params are read (Orbax partial restore), not the optimiser state, and nothing is compiled:
     the target tree comes from ``nnx.eval_shape``.
     """
-    import orbax.checkpoint as ocp
-
-    from idmr_jax import tasks
-    from idmr_jax.train.state import split_model
-
-    step_dir, step = _latest_step(workdir)
+    step_dir, step = layout.latest_step(workdir)
     task = tasks.build(config)
-    mesh = shd.make_mesh(dict(config.sharding.mesh))
-    rules = tuple(tuple(r) for r in config.sharding.rules)
-    with shd.axis_rules(mesh, rules):
-        graphdef, params, frozen = split_model(nnx.eval_shape(task.build_model), task.frozen_patterns)
-    target = {"params": params, "frozen": frozen}  # the TrainState fields that make the model
-    leaves, treedef = jax.tree.flatten(target)
-    shardings = jax.tree.leaves(shd.state_shardings(target, mesh, rules))
-    if len(leaves) != len(shardings):  # one array per variable; anything else means the tree changed shape
-        raise ValueError(f"{step_dir}: {len(leaves)} arrays but {len(shardings)} variables in the model state")
-    abstract = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-                                            for x, s in zip(leaves, shardings)])
-    with ocp.PyTreeCheckpointer() as ckptr:
-        restored = ckptr.restore(os.fspath(step_dir / "state"), args=ocp.args.PyTreeRestore(
-            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
+    graphdef, target = setup.abstract_model_state(task, shd.mesh_from_config(config), shd.rules_from_config(config))
+    restored = checkpoint.restore_model_state(step_dir, target)
     model = nnx.merge(graphdef, restored["params"], restored["frozen"])
     return model, task.model_config, step
 
@@ -104,15 +75,13 @@ class Retriever:
         latency on a CPU); the gallery is encoded in blocks of it. Meant for demo-sized galleries: every val
         record (with its image bytes) is held in memory."""
         self.config, self.model_config = config, model_config
-        self.spec = oacir_pipeline.image_spec(model_config)
+        self.spec = pipeline.image_spec(model_config)
         self.gallery: list[records.GalleryRecord] = records.read_shards(
-            os.path.join(val_folder, oacir_pipeline.GALLERY_GLOB))
+            os.path.join(val_folder, pipeline.GALLERY_GLOB))
         self.queries: list[records.QueryRecord] = records.read_shards(
-            os.path.join(val_folder, oacir_pipeline.QUERY_GLOB))
+            os.path.join(val_folder, pipeline.QUERY_GLOB))
         self._by_name = {g.name: i for i, g in enumerate(self.gallery)}
-        mesh = shd.make_mesh(dict(config.sharding.mesh))
-        self.encoder = FeatureEncoder(model, batch_size, mesh,
-                                      tuple(tuple(r) for r in config.sharding.rules))
+        self.encoder = FeatureEncoder(model, batch_size, shd.mesh_from_config(config), shd.rules_from_config(config))
         self.tokenizer = text.Tokenizer(config.data.tokenizer, config.data.max_text_len)
         feats = []
         for start in range(0, len(self.gallery), self.encoder.batch_size):
@@ -136,7 +105,7 @@ class Retriever:
 
     @staticmethod
     def _decode(g: records.GalleryRecord) -> Image.Image:
-        return oacir_pipeline.decode_image(g.image, source=f"gallery {g.name!r} field 'image'")
+        return decode_image(g.image, source=f"gallery {g.name!r} field 'image'")
 
     def gallery_image(self, name: str) -> Image.Image:
         """A gallery image by name, as stored (the frame that boxes of gallery images refer to)."""
@@ -145,8 +114,7 @@ class Retriever:
         return self._decode(self.gallery[self._by_name[name]])
 
     def reference_image(self, query: records.QueryRecord) -> Image.Image:
-        return oacir_pipeline.decode_image(query.reference_image,
-                                           source=f"query {query.reference_name!r} field 'reference_image'")
+        return decode_image(query.reference_image, source=f"query {query.reference_name!r} field 'reference_image'")
 
     def rank(self, image: Image.Image, box: Sequence[float] | None, query_text: str, *, top: int = 5,
              exclude: Iterable[str] = ()) -> Ranking:
@@ -163,7 +131,7 @@ class Retriever:
             x1, y1, x2, y2 = (int(round(v)) for v in box)
             image, box = image.crop((x1, y1, max(x2, x1 + 1), max(y2, y1 + 1))), None
         pixels, final_box = image_ops.preprocess(image, box, self.spec.size, self.spec.pad_ratio)
-        mask = box_to_patch_mask(final_box, self.spec.grid, (self.spec.size, self.spec.size))
+        mask = box_to_patch_mask(final_box, self.spec.grid, (self.spec.size, self.spec.size), patch=self.spec.patch)
         ids, att = self.tokenizer([text.blip_caption(query_text)])
         q, beta = self.encoder.queries(pixels[None], ids, att, mask[None])
         scores = np.einsum("nqe,e->nq", self.features, q[0]).max(-1)

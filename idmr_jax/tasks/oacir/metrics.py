@@ -11,26 +11,21 @@ Protocol (released ``evaluate.py``, ``compute_oacirr_val_metrics`` / ``compute_c
 - values are percentages; "avg" (paper Table 2) is the mean of R_ID@1, R@1 and R@5 over the subsets.
 
 Ties: the released code uses ``torch.argsort`` (not stable), so tied scores rank arbitrarily there. We rank by
-score descending, then by gallery index ascending (:func:`rank_scores`), the same rule as
-:mod:`idmr_jax.evaluation.retrieval`.
+score descending, then by gallery index ascending (:mod:`idmr_jax.evaluation.ranking`, the rule of
+:mod:`idmr_jax.evaluation.retrieval` too).
+
+The result files are written by :mod:`idmr_jax.evaluation.outputs`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
 RECALL_KS = (1, 5, 10, 50)
 ID_KS = (1, 3, 5, 10, 50)
 AVG_METRICS = ("R_ID@1", "R@1", "R@5")
-
-
-def rank_scores(scores) -> np.ndarray:
-    """Gallery indices ``[Nq, Ng]`` sorted by score descending; equal scores keep the lower index first."""
-    return np.argsort(-np.asarray(scores), axis=1, kind="stable")
 
 
 def _index_of(names: Sequence[str]) -> dict[str, int]:
@@ -70,7 +65,8 @@ def compute_recalls(
 
     Args:
       rankings: ``[Nq, L]`` gallery indices, best first, either the full ranking (L = Ng, e.g. from
-        :func:`rank_scores`) or a top-L list with ``L >= max(K) + 1`` (one place is lost to the reference).
+        :func:`idmr_jax.evaluation.ranking.rank_scores`) or a top-L list with ``L >= max(K) + 1`` (one place is
+        lost to the reference).
       gallery_names / gallery_instances: name and instance id of every gallery image (same order).
       reference_names / target_names: per query. A reference missing from the gallery is simply not removed.
       query_instances: the instance R_ID looks for, per query; default: the target's instance (as released).
@@ -148,30 +144,3 @@ def ranking_records(
     return [
         {"query_id": str(q), "subset": subset, "ranking": names[row].tolist()} for q, row in zip(query_ids, cleaned)
     ]
-
-
-def write_metrics(workdir: str | os.PathLike, metrics: Mapping[str, float]) -> str:
-    """Writes ``WORKDIR/eval/metrics.json`` (a flat JSON object, values in percent); returns its path.
-
-    `workdir` may be local or remote (``gs://...``): the write goes through etils.epath. Callers on a multi-host
-    run write from process 0 only.
-    """
-    out = _eval_dir(workdir) / "metrics.json"
-    out.write_text(json.dumps({k: float(v) for k, v in metrics.items()}, indent=2, sort_keys=True) + "\n")
-    return os.fspath(out)
-
-
-def write_rankings(workdir: str | os.PathLike, rankings: Iterable[Mapping]) -> str:
-    """Writes ``WORKDIR/eval/rankings.jsonl``, one JSON record per query (see :func:`ranking_records`); local or
-    remote `workdir`, as :func:`write_metrics`."""
-    out = _eval_dir(workdir) / "rankings.jsonl"
-    out.write_text("".join(json.dumps(dict(rec)) + "\n" for rec in rankings))
-    return os.fspath(out)
-
-
-def _eval_dir(workdir: str | os.PathLike):
-    from etils import epath
-
-    out = epath.Path(workdir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    return out

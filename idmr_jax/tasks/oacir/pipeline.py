@@ -1,7 +1,7 @@
-"""Grain pipelines over converted OACIRR shards (see `data_prep.oacirr` and `idmr_jax.data.records`).
+"""Grain pipelines over converted OACIRR shards (see `data_prep.oacirr` and `idmr_jax.tasks.oacir.records`).
 
 Training:
-    ArrayRecord query shards -> this process's share (ShardByJaxProcess) -> seeded shuffle, reseeded every
+    ArrayRecord query shards -> this process's share (`grain_io.plan_process`) -> seeded shuffle, reseeded every
     epoch -> repeat -> decode + TargetPad(1.25)/resize/crop/CLIP-normalise (reference and target, the target
     read from the gallery shards by key) -> box through the same affine map -> patch mask -> BERT tokens
     (max 32) -> batches of this process's rows -> optional worker processes.
@@ -14,47 +14,30 @@ Evaluation reads the val shards in order (no shuffle) through the same per-examp
 from __future__ import annotations
 
 import dataclasses
-import io
-import os
-import threading
 
 import grain
 import numpy as np
-from PIL import Image
 
-from idmr_jax.data import image_ops, records, text
+from idmr_jax.data import image_ops, text
 from idmr_jax.data.boxes import box_to_patch_mask, perturb_box
+from idmr_jax.data.grain_io import (CheckpointableIterator, RecordReader, batched_iterator, check_worker_count,
+                                    decode_image, list_shards, plan_process)
+from idmr_jax.tasks.oacir import records
 
 QUERY_GLOB = "queries-*.array_record"
 GALLERY_GLOB = "gallery-*.array_record"
 BOX_PERTURBATIONS = {"none": "exact", "iou0.8": "scale", "iou0.5": "scale_shift", "no_box": "none"}
 
 
-def list_shards(folder: str | os.PathLike, pattern: str) -> list[str]:
-    """Paths of the shards matching `pattern` in `folder` (local or gs://: globbed with etils.epath), in sorted
-    order (the order that gallery keys in query records refer to); an error naming the folder if none match."""
-    from etils import epath
-
-    paths = sorted(os.fspath(p) for p in epath.Path(folder).glob(pattern))
-    if not paths:
-        raise FileNotFoundError(f"no shard matches {pattern!r} in {os.fspath(folder)!r}")
-    return paths
-
-
-def decode_image(data: bytes, *, source: str) -> Image.Image:
-    try:
-        return Image.open(io.BytesIO(data)).convert("RGB")
-    except Exception as e:  # noqa: BLE001 - a broken image names its record
-        raise ValueError(f"{source}: image does not decode ({type(e).__name__}: {e})") from e
-
-
 @dataclasses.dataclass
 class ImageSpec:
-    """Preprocessing geometry: square input `size`, TargetPad `pad_ratio`, the encoder's patch `grid`."""
+    """Preprocessing geometry: square input `size`, TargetPad `pad_ratio`, the encoder's patch `grid` and the
+    `patch` its box masks use (the ViT's patch size; None: the grid is not a patch grid, see data.boxes)."""
 
     size: int
     grid: tuple[int, int]
     pad_ratio: float = 1.25
+    patch: int | None = None
 
 
 def reference_inputs(rec: records.QueryRecord, spec: ImageSpec, *, roi_crop: bool = False,
@@ -69,48 +52,17 @@ def reference_inputs(rec: records.QueryRecord, spec: ImageSpec, *, roi_crop: boo
         x1, y1, x2, y2 = (int(round(v)) for v in box)
         image, box = image.crop((x1, y1, max(x2, x1 + 1), max(y2, y1 + 1))), None
     pixels, final_box = image_ops.preprocess(image, box, spec.size, spec.pad_ratio)
-    mask = box_to_patch_mask(final_box, spec.grid, (spec.size, spec.size))
+    mask = box_to_patch_mask(final_box, spec.grid, (spec.size, spec.size), patch=spec.patch)
     return pixels, mask, final_box
 
 
 def query_text(rec: records.QueryRecord, *, text_entity: bool) -> str:
+    """The Q-Former text of a query: BLIP's caption cleaning, with the entity prompt when `text_entity`."""
     t = text.blip_caption(rec.modification_text)
     return text.with_entity_prompt(t, rec.object_category, rec.source_index) if text_entity else t
 
 
-class _RecordReader:
-    """Random access to records of ArrayRecord shards by global key (shards concatenated in sorted order).
-
-    Opened lazily and reopened after unpickling, so it travels into Grain's spawned workers; the open is locked
-    because Grain calls map transforms from several reader threads.
-    """
-
-    def __init__(self, paths: list[str]):
-        self.paths = list(paths)
-        self._source = None
-        self._lock = threading.Lock()
-
-    def __getstate__(self):
-        return {"paths": self.paths}
-
-    def __setstate__(self, state):
-        self.paths, self._source, self._lock = state["paths"], None, threading.Lock()
-
-    def _open(self):
-        if self._source is None:
-            with self._lock:
-                if self._source is None:
-                    self._source = grain.sources.ArrayRecordDataSource(self.paths)
-        return self._source
-
-    def raw(self, key: int) -> bytes:
-        return self._open()[int(key)]
-
-    def __len__(self) -> int:
-        return len(self._open())
-
-
-class _GalleryReader(_RecordReader):
+class GalleryReader(RecordReader):
     """Gallery records by global key (the keys stored in query records)."""
 
     def __getitem__(self, key: int) -> records.GalleryRecord:
@@ -121,7 +73,7 @@ class ReadQuery(grain.transforms.Map):
     """Global query key -> ``(key, record bytes)``: the key travels with the example as ``example_id``."""
 
     def __init__(self, query_paths: list[str]):
-        self.queries = _RecordReader(query_paths)
+        self.queries = RecordReader(query_paths)
 
     def map(self, key: int) -> tuple[int, bytes]:
         return int(key), self.queries.raw(key)
@@ -137,7 +89,7 @@ class TrainExample(grain.transforms.Map):
 
     def __init__(self, gallery_paths: list[str], spec: ImageSpec, tokenizer: text.Tokenizer,
                  text_entity: bool = False, roi_crop: bool = False):
-        self.gallery = _GalleryReader(gallery_paths)
+        self.gallery = GalleryReader(gallery_paths)
         self.spec, self.tokenizer = spec, tokenizer
         self.text_entity, self.roi_crop = text_entity, roi_crop
 
@@ -189,109 +141,45 @@ class Augment(grain.transforms.RandomMap):
         return out
 
 
-class _Iterator:
-    """Grain iterator plus the epoch length; state round-trips through checkpoints (JSON-serialisable dict).
-
-    Iterating an mp_prefetch pipeline starts worker processes: call `close` (or use it as a context manager)
-    when done, rather than leaving the clean-up to garbage collection at interpreter exit.
-    """
-
-    def __init__(self, it, steps_per_epoch: int):
-        self._it, self.steps_per_epoch = it, steps_per_epoch
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return next(self._it)
-
-    def get_state(self):
-        return self._it.get_state()
-
-    def set_state(self, state):
-        self._it.set_state(state)
-
-    def close(self) -> None:
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def ensure_flags_parsed() -> None:
-    """Grain's worker processes read absl flags (``--grain_*``); outside ``absl.app.run`` (tests, notebooks,
-    plain scripts) nothing parses them and the first read raises ``UnparsedFlagAccessError``, so mark them parsed
-    with their defaults. A no-op under ``absl.app``."""
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
-
 def image_spec(model_config) -> ImageSpec:
     """Preprocessing geometry of an AdaFocalConfig: its input size and its encoder's patch grid."""
     from idmr_jax.models.adafocal import grid
+    from idmr_jax.models.vision import mask_patch_size
 
-    return ImageSpec(size=model_config.image_size, grid=tuple(grid(model_config)))
-
-
-def process_share(num_records: int, index: int, count: int) -> slice:
-    """Process `index`'s rows of `count`: every count-th key, the remainder dropped so that all processes hold
-    the same number of rows (their epochs, and so their reshuffles, stay aligned)."""
-    per_process = num_records // count
-    return slice(index, per_process * count, count)
+    return ImageSpec(size=model_config.image_size, grid=tuple(grid(model_config)),
+                     patch=mask_patch_size(model_config.blip2.vision))
 
 
-def train_iterator(config, model_config=None, *, spec: ImageSpec | None = None) -> _Iterator:
+def train_iterator(config, model_config=None, *, spec: ImageSpec | None = None) -> CheckpointableIterator:
     """The training iterator over ``config.data.train_dir`` (this process's rows of each global batch).
 
     Keys (per-process batch b): ref_pixels/tgt_pixels float32 [b,S,S,3], input_ids/attention_mask int32
     [b,L], box_mask float32 [b,1+gh*gw], example_id int32 [b] (not a model input). The geometry comes from
     `spec`, else from the AdaFocalConfig `model_config` (`image_spec`).
 
-    Order: this process's rows (`process_share`) shuffled with ``data.shuffle_seed`` (reseeded each epoch),
+    Order: this process's rows (`grain_io.process_share`) shuffled with ``data.shuffle_seed`` (reseeded each epoch),
     repeated forever; with ``data.num_workers > 0`` each worker batches its own stride of that order, so the
     batch sequence depends on the worker count (deterministically) and a resumed run must keep the count.
     """
     d = config.data
     if not d.train_dir:
-        raise ValueError("config.data.train_dir is empty: point it at the output of `python -m data_prep.oacirr`")
+        raise ValueError("config.data.train_dir is empty: point it at the output of `python -m data_prep.oacirr` "
+                         "(for source='demo', call idmr_jax.tasks.prepare_data(config) first, as main does)")
     if spec is None:
         if model_config is None:
             raise ValueError("train_iterator needs a model_config (an AdaFocalConfig) or an explicit spec")
         spec = image_spec(model_config)
     query_paths = list_shards(d.train_dir, QUERY_GLOB)
     gallery_paths = list_shards(d.train_dir, GALLERY_GLOB)
-    shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    per_host_files = len(query_paths) // shard.shard_count
-    if d.num_workers > max(per_host_files, 1):
-        raise ValueError(f"{d.num_workers} data workers but only {len(query_paths)} query shards for "
-                         f"{shard.shard_count} host(s) ({per_host_files} per host): lower config.data.num_workers "
-                         "or convert with more --num-shards")
-    if d.batch_size % shard.shard_count:
-        raise ValueError(f"global batch {d.batch_size} does not divide over {shard.shard_count} processes")
-    num_records = len(_RecordReader(query_paths))
-    share = process_share(num_records, shard.shard_index, shard.shard_count)
-    per_host = len(range(num_records)[share])
-    local_batch = d.batch_size // shard.shard_count
-    if per_host < local_batch:
-        raise ValueError(f"{num_records} queries give {per_host} per process, fewer than the per-process batch "
-                         f"{local_batch}")
-    ds = grain.MapDataset.range(num_records)[share]
+    check_worker_count(d.num_workers, len(query_paths), shards="query shards",
+                       remedy="convert with more --num-shards")
+    num_records = len(RecordReader(query_paths))
+    plan = plan_process(num_records, d.batch_size, what="queries")
+    ds = grain.MapDataset.range(num_records)[plan.keys]
     ds = ds.shuffle(seed=d.shuffle_seed).repeat()  # reseeded per epoch: a new order every epoch
     ds = ds.map(ReadQuery(query_paths))
     ds = ds.map(TrainExample(gallery_paths, spec, text.Tokenizer(d.tokenizer, d.max_text_len),
                              text_entity=d.text_entity, roi_crop=d.roi_crop))
     if d.get("augment", False):
         ds = ds.random_map(Augment(spec.grid), seed=d.shuffle_seed)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(d.get("read_threads", 2), 1), prefetch_buffer_size=64))
-    ds = ds.batch(local_batch, drop_remainder=True)
-    if d.num_workers > 0:
-        ensure_flags_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
-    return _Iterator(iter(ds), steps_per_epoch=per_host // local_batch)
+    return batched_iterator(ds, plan, num_workers=d.num_workers, read_threads=d.get("read_threads", 2))

@@ -1,4 +1,5 @@
-"""The AdaFocal / OACIR task: model from the config, global-batch InfoNCE, data and evaluation."""
+"""The OACIR task (config name ``oacir``) with the AdaFocal model: model from the config, global-batch InfoNCE, data
+and evaluation."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from idmr_jax.tasks.oacir import fake
 from idmr_jax.losses.contrastive import global_infonce
 from idmr_jax.models import adafocal
-from idmr_jax.models.blip2 import Blip2Config
+from idmr_jax.models.blip2 import Blip2Config, ln_vision_eps_for
 from idmr_jax.models.crm import CRMConfig
 from idmr_jax.models.efficientnet import EfficientNetEncoderConfig
 from idmr_jax.models.qformer import QFormerConfig
 from idmr_jax.models.vit import vit_config
+from idmr_jax.tasks.oacir import fake
 
 
 def model_config(m: ml_collections.ConfigDict) -> adafocal.AdaFocalConfig:
@@ -38,7 +39,8 @@ def model_config(m: ml_collections.ConfigDict) -> adafocal.AdaFocalConfig:
         initializer_range=q.get("initializer_range", 0.02), hidden_dropout=q.get("dropout", 0.1),
         attention_dropout=q.get("dropout", 0.1))
     blip2 = Blip2Config(vision=vision, qformer=qformer, num_query_tokens=m.num_query_tokens,
-                        embed_dim=m.embed_dim, temp_init=m.temp_init)
+                        embed_dim=m.embed_dim, temp_init=m.temp_init,
+                        ln_vision_eps=ln_vision_eps_for(m.init.format, vision))
     c = m.caam
     crm = CRMConfig(hidden_size=q.hidden_size, num_probes=c.num_probes, aggregator=c.aggregator,
                     num_layers=c.num_layers, num_heads=c.num_heads, ffn_dim=c.ffn_dim, dropout=c.dropout,
@@ -54,15 +56,11 @@ def _masked_mean_std(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Arra
     return mean, jnp.sqrt(((x - mean) ** 2 * w).sum() / n)
 
 
-class AdaFocalTask:
-    """What the trainer needs for AdaFocal; see :class:`idmr_jax.train.trainer.Task`."""
+class OacirTask:
+    """What the trainer needs for OACIR with AdaFocal; see :class:`idmr_jax.train.trainer.Task`."""
 
     def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        if config.data.source == "demo":
-            from idmr_jax.tasks.oacir import demo
-
-            demo.prepare(config)  # builds/reuses the real-photo benchmark and its shards
+        self.config = config  # a "demo" source is made ready by `idmr_jax.tasks.prepare_data`, not here
         self.model_config = model_config(config.model)
         frozen = []
         if config.model.freeze_vision:
@@ -102,26 +100,28 @@ class AdaFocalTask:
         return functools.partial(self.loss_fn, mesh=mesh)
 
     # ------------------------------------------------------------------ data
-    def _fake_spec(self) -> fake.FakeSpec:
+    def fake_spec(self) -> fake.FakeSpec:
+        """The synthetic pool's spec (``data.source == "fake"``): the model's input size and patch grid."""
         d = self.config.data
+        size = self.model_config.image_size  # one place for the input size: the model config, as the real pipeline
         gh, _ = adafocal.grid(self.model_config)
-        return fake.FakeSpec(pool=d.fake_pool, image_size=d.image_size, patch_size=d.image_size // gh,
+        return fake.FakeSpec(pool=d.fake_pool, image_size=size, patch_size=size // gh,
                              text_len=d.max_text_len, vocab_size=self.model_config.blip2.qformer.vocab_size,
                              seed=d.shuffle_seed)
 
     def train_iterator(self):
         d = self.config.data
         if d.source == "fake":
-            return fake.FakeIterator(self._fake_spec(), d.batch_size, jax.process_index(), jax.process_count())
-        from idmr_jax.tasks.oacir import pipeline as oacir_pipeline
+            return fake.FakeIterator(self.fake_spec(), d.batch_size, jax.process_index(), jax.process_count())
+        from idmr_jax.tasks.oacir import pipeline
 
-        return oacir_pipeline.train_iterator(self.config, self.model_config)
+        return pipeline.train_iterator(self.config, self.model_config)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: adafocal.AdaFocal, workdir: epath.Path, step: int) -> dict:
         """OACIR protocol; writes WORKDIR/eval/{metrics.json, rankings.jsonl, *.png}."""
-        from idmr_jax.tasks.oacir import evaluate as oacir_eval
+        from idmr_jax.tasks.oacir.evaluate import evaluate_arrayrecord, evaluate_fake
 
         if self.config.data.source == "fake":
-            return oacir_eval.evaluate_fake(model, self._fake_spec(), self.config, workdir)
-        return oacir_eval.evaluate_arrayrecord(model, self.config, self.model_config, workdir)
+            return evaluate_fake(model, self.fake_spec(), self.config, workdir)
+        return evaluate_arrayrecord(model, self.config, self.model_config, workdir)

@@ -65,7 +65,8 @@ class ClipScorer:
         from flax import nnx
         from transformers import CLIPTokenizer
 
-        from idmr_jax.models.clip import clip_score, load_hf_clip
+        from idmr_jax.models.clip import clip_score
+        from idmr_jax.weights.clip import load_hf_clip
 
         self.folder, self.batch_size = str(folder), batch_size
         self.model, self.config = load_hf_clip(self.folder)

@@ -2,7 +2,7 @@
 
 Flax layout (paths of :class:`idmr_jax.models.blip2.Blip2`):
 
-    vision/...                          the ViT (see ``vit_names``)
+    vision/...                          the ViT (see ``idmr_jax.weights.vit``)
     ln_vision/{scale,bias}              HF vision_model.post_layernorm, LAVIS ln_vision
     query_tokens                        [Q, D]  (torch [1, Q, D])
     qformer/word_embeddings/embedding   HF embeddings.word_embeddings, LAVIS Qformer.bert.embeddings.word_embeddings
@@ -44,7 +44,8 @@ from idmr_jax.weights.mapping import (
     prefixed,
     unstack_from_model,
 )
-from idmr_jax.weights.vit_names import (
+from idmr_jax.weights.torch_io import hf_config_as_dict
+from idmr_jax.weights.vit import (
     checked_reshape,
     fuse_lavis_qv_bias,
     hf_blip2_vision_rules,
@@ -216,7 +217,7 @@ def from_lavis_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 def to_lavis_state_dict(state_dict: Mapping[str, Any], *, drop_k_bias: bool = False) -> dict[str, Any]:
     """Inverse of :func:`from_lavis_state_dict` (splits the fused qkv bias into LAVIS' q_bias / v_bias; see
-    ``vit_names.split_lavis_qkv_bias`` for ``drop_k_bias``)."""
+    ``idmr_jax.weights.vit.split_lavis_qkv_bias`` for ``drop_k_bias``)."""
     return split_lavis_qkv_bias(state_dict, prefix="visual_encoder.", drop_k_bias=drop_k_bias)
 
 
@@ -301,7 +302,7 @@ _HF_ACT_BACK = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"
 
 def qformer_config_from_hf(hf_qformer_config, **overrides) -> QFormerConfig:
     """QFormerConfig from a ``transformers.Blip2QFormerConfig`` (or a dict with its fields)."""
-    c = hf_qformer_config if isinstance(hf_qformer_config, Mapping) else hf_qformer_config.to_dict()
+    c = hf_config_as_dict(hf_qformer_config)
     kwargs = dict(
         hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
         intermediate_size=c["intermediate_size"], cross_attention_freq=c["cross_attention_frequency"],

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from idmr_jax.models.decoder_lm import DecoderLMConfig
-from idmr_jax.weights.lm_names import lora_rules, lora_target_modules
+from idmr_jax.weights.decoder_lm import lora_rules, lora_target_modules
 from idmr_jax.weights.mapping import NameMap, WeightMismatchError, unstack_from_model
 
 ADAPTER_CONFIG = "adapter_config.json"

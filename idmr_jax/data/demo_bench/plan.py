@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data_prep.demo import photos, render
+from idmr_jax.data.demo_bench import photos, render
 
 SPLITS = ("train", "val")
 

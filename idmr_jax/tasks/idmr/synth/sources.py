@@ -16,7 +16,7 @@ Supported inputs:
   ``image/id`` and ``image/filename`` (optional), ``objects/bbox`` (normalised [ymin, xmin, ymax, xmax]),
   ``objects/label`` (a ClassLabel: its names are the categories), ``objects/is_crowd`` and ``objects/id``
   (optional).
-- **The demo benchmark** (`demo_coco`): `data_prep.demo_bench`'s images and exact boxes, as a COCO dict.
+- **The demo benchmark** (`demo_coco`): `idmr_jax.data.demo_bench`'s images and exact boxes, as a COCO dict.
 
 Every unusable record becomes a `Skip` naming the file, the record (list and position: ``annotations[12]``, or the
 TFDS example), its id and the offending field.
@@ -27,13 +27,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from typing import Any
 
 from etils import epath
-from data_prep import images
-from data_prep.idmr.geometry import Box, parse_xywh
-from data_prep.oacirr import ConversionError
+from idmr_jax.data import image_files
+from idmr_jax.data.demo_bench import builder as demo_bench
+from idmr_jax.data.shards import ConversionError, map_parallel
+from idmr_jax.tasks.idmr.synth.geometry import Box, parse_xywh
 
 # Skip.action: an annotation lost (it counts against the instances), an image entry lost (each of its annotations
 # gets its own INSTANCE entry), or an entry dropped that loses no instance (a category, a repeated id).
@@ -99,7 +101,9 @@ class Loaded:
     entries: list[ImageEntry]
     skips: list[Skip]
     counts: dict[str, int]
-    reader: Any  # picklable; ``reader.read(ref) -> bytes``, ``reader.stat(ref) -> token or None``
+    # Picklable; ``reader.read(ref, rules) -> bytes``, ``reader.check(ref, rules) -> CheckedFile | None`` (both
+    # raise `image_files.ImageFileRefused`), ``reader.stat(ref) -> token or None``.
+    reader: Any
     describe: dict[str, Any]
 
 
@@ -120,12 +124,24 @@ def unsafe_path(rel: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class FolderReader:
-    """Reads image files under a folder (local or gs://, through etils.epath)."""
+    """Reads image files under a folder (local or gs://, through etils.epath) under the read rules: in a local
+    folder all of `image_files.check_image_file` with the folder as the dataset root; in an object store (no
+    links, no special files) the size limit."""
 
     root: str
 
-    def read(self, ref: str) -> bytes:
-        return (epath.Path(self.root) / ref).read_bytes()
+    def check(self, ref: str, rules: image_files.ReadRules = image_files.ReadRules()) -> image_files.CheckedFile | None:
+        """Applies the read rules without opening the file (None for an object store, whose limit `read` checks)."""
+        local = "://" not in self.root
+        return image_files.check_image_file(os.path.join(self.root, ref), self.root, rules) if local else None
+
+    def read(self, ref: str, rules: image_files.ReadRules = image_files.ReadRules()) -> bytes:
+        """The file's bytes; raises `image_files.ImageFileRefused` for a file the rules refuse."""
+        if "://" not in self.root:
+            return image_files.read_image_file(os.path.join(self.root, ref), self.root, rules)[0]
+        path = epath.Path(self.root) / ref
+        image_files.check_size(path.stat().length, rules)
+        return path.read_bytes()
 
     def stat(self, ref: str) -> tuple[int, float] | None:
         """(size, mtime) of the file, or None when it cannot be stat'ed; the probe cache key."""
@@ -291,7 +307,10 @@ class TfdsReader:
                                                   decoders={"image": tfds.decode.SkipDecoding()})
         return _TFDS_SOURCES[key]
 
-    def read(self, ref: int) -> bytes:
+    def check(self, ref: int, rules: image_files.ReadRules = image_files.ReadRules()) -> None:
+        return None  # the images are inside the prepared dataset's records: no user file is opened
+
+    def read(self, ref: int, rules: image_files.ReadRules = image_files.ReadRules()) -> bytes:
         data = self.source()[ref]["image"]
         if not isinstance(data, bytes):
             raise ConversionError(f"tfds {self.name}/{self.split}[{ref}]: field 'image': expected encoded bytes")
@@ -318,7 +337,7 @@ def _tfds_example(reader: TfdsReader, labels: list[str], i: int, ex: dict, label
     file_name = _scalar(ex.get("image/filename", f"{reader.split}[{i}]"))
     image_id = _id(_scalar(ex.get("image/id", i))) or str(i)
     data = ex.get("image")
-    probe = images.probe_bytes(data) if isinstance(data, bytes) and data else {
+    probe = image_files.probe_bytes(data) if isinstance(data, bytes) and data else {
         "width": None, "height": None, "format": None, "error": "field 'image' holds no encoded bytes"}
     probe["size"] = len(data) if isinstance(data, bytes) else None
     ids = list(objects.get("id", []))
@@ -372,8 +391,6 @@ def load_tfds(name: str, split: str, data_dir: str | None, *, pool: Any = None, 
     """Reads a TFDS-prepared detection dataset (e.g. ``coco/2017``) -> `Loaded`; see the module docstring.
 
     Every image is decoded once here (its bytes are in hand anyway), so no separate probe pass is needed."""
-    from data_prep.shards import map_parallel
-
     reader = TfdsReader(name, split, data_dir)
     try:
         n = len(reader.source())
@@ -400,13 +417,11 @@ def load_tfds(name: str, split: str, data_dir: str | None, *, pool: Any = None, 
 
 
 def demo_coco(demo_root: str, split: str | None = None) -> tuple[dict, str]:
-    """The demo benchmark (`data_prep.demo_bench`) as COCO -> (coco dict, image folder).
+    """The demo benchmark (`idmr_jax.data.demo_bench`) as COCO -> (coco dict, image folder).
 
     One annotation per image (the pasted instance, exact box); ``instance_id`` is the demo instance (the same
     object in several contexts), ``images[i].scene`` the context's description; ``split`` keeps only that split's
     images ('train' / 'val')."""
-    from data_prep import demo_bench
-
     root = epath.Path(demo_root)
     meta = json.loads((root / demo_bench.META).read_text())
     cats = sorted({v["category"] for v in meta["instances"].values()})
@@ -429,6 +444,6 @@ def demo_coco(demo_root: str, split: str | None = None) -> tuple[dict, str]:
 
 def load_demo(demo_root: str, split: str | None = None, *, source: str = "demo") -> Loaded:
     """The demo benchmark as a `Loaded` source (`demo_coco` + `load_coco`). Its pasted instances are small in
-    small images: synthesise with `data_prep.idmr_synth.DEMO_FILTERS` to keep all of them."""
+    small images: synthesise with `idmr_jax.tasks.idmr.synth.synthesis.DEMO_FILTERS` to keep all of them."""
     coco, image_dir = demo_coco(demo_root, split)
     return load_coco(coco, image_dir, source=source, file_label=str(epath.Path(demo_root) / "demo_meta.json"))

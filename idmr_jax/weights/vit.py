@@ -15,6 +15,8 @@ zero) while transformers and this port hold one fused ``qkv`` bias. A Rule maps 
 the LAVIS map names a fused tensor ``blocks.{i}.attn.qkv.bias`` that :func:`fuse_lavis_qv_bias` creates from
 the pair (and :func:`split_lavis_qkv_bias` splits again for export).
 
+:func:`import_hf_clip_vision` is the ``convert import --format hf_clip_vision`` importer.
+
 Flax paths are written unstacked (``encoder/layers/{i}/...``); ``mapping.load_into`` / ``stack_for_model``
 stack them for scanned models (``encoder/layers/...`` with a leading layer axis).
 """
@@ -24,12 +26,18 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from idmr_jax.models.vit import ViTConfig
-from idmr_jax.weights.mapping import CONV2D, IDENTITY, LINEAR, Rule, Transform, WeightMismatchError, per_layer
+from idmr_jax.weights import io, torch_io
+from idmr_jax.weights.conversion import (BUFFER_IGNORES, ConvertError, Imported, ImportOptions, apply_overrides,
+                                         hf_config_of)
+from idmr_jax.weights.mapping import (CONV2D, IDENTITY, LINEAR, NameMap, Rule, Transform, WeightMismatchError,
+                                      load_into, per_layer, prefixed)
+from idmr_jax.weights.torch_io import hf_config_as_dict
 
 
 def _expect(x: np.ndarray, shape: tuple[int, ...], what: str) -> None:
@@ -230,7 +238,7 @@ def _square(v: Any, what: str) -> int:
 def vit_config_from_hf(hf_vision_config: Any, **overrides) -> ViTConfig:
     """A :class:`ViTConfig` from a transformers ``Blip2VisionConfig`` (style "eva") or ``CLIPVisionConfig``
     (style "clip"), or their ``to_dict()``; `overrides` set execution options (dtype, scan, remat, ...)."""
-    c = hf_vision_config if isinstance(hf_vision_config, Mapping) else hf_vision_config.to_dict()
+    c = hf_config_as_dict(hf_vision_config)
     model_type = c.get("model_type")
     if model_type not in _STYLE_OF_MODEL_TYPE:
         raise ValueError(f"unsupported vision config model_type {model_type!r}; known: {sorted(_STYLE_OF_MODEL_TYPE)}")
@@ -284,3 +292,34 @@ def hf_vision_config(cfg: ViTConfig):
 
     cls = transformers.Blip2VisionConfig if cfg.style == "eva" else transformers.CLIPVisionConfig
     return cls(**hf_vision_config_kwargs(cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# Import (format ``hf_clip_vision``).
+
+
+def import_hf_clip_vision(src: Path, opts: ImportOptions) -> Imported:
+    """A transformers ``CLIPVisionModel`` folder (a full ``CLIPModel`` works too: its text tower and projections
+    are skipped) -> ViT (style "clip")."""
+    import transformers
+
+    cfg_dict = hf_config_of(src, opts.config)
+    if cfg_dict.get("model_type") == "clip":
+        hf_vision = transformers.CLIPConfig.from_dict(cfg_dict).vision_config
+        ignore = (r"text_model\..*", r"text_projection\..*", r"visual_projection\..*", r"logit_scale")
+    elif cfg_dict.get("model_type") == "clip_vision_model":
+        hf_vision = transformers.CLIPVisionConfig.from_dict(cfg_dict)
+        ignore = (r"visual_projection\..*",)  # CLIPVisionModelWithProjection
+    else:
+        raise ConvertError(f"{src}: expected a CLIP config (model_type 'clip_vision_model' or 'clip'), "
+                           f"got {cfg_dict.get('model_type')!r}")
+    cfg = apply_overrides(vit_config_from_hf(hf_vision), opts.overrides())
+    sd = torch_io.load_torch_state_dict(src)
+    # Hub CLIP checkpoints (and CLIPModel) nest the tower under `vision_model.`; transformers 5 saves a
+    # CLIPVisionModel without that prefix.
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in sd) else ""
+    name_map = NameMap(prefixed(hf_clip_vision_rules(cfg), prefix))
+    flat = name_map.torch_to_flax(sd, source=str(src), ignore=ignore + BUFFER_IGNORES)
+    module = io.build_model(cfg, kind="vit", seed=opts.seed)
+    load_into(module, flat, source=str(src))
+    return Imported("vit", module, cfg, [])

@@ -50,16 +50,23 @@ bias); the port's fused ``qkv`` bias is split on export (a nonzero key third is 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from idmr_jax.models.adafocal import AdaFocalConfig
 from idmr_jax.models.crm import CRMConfig
-from idmr_jax.weights import blip2_names, vit_names
-from idmr_jax.weights.mapping import IDENTITY, LINEAR, NameMap, Rule, WeightMismatchError, per_layer, prefixed
-from idmr_jax.weights.vit_names import checked_reshape
+from idmr_jax.weights import io, torch_io, vit
+from idmr_jax.weights.blip2 import convert as blip2_convert
+from idmr_jax.weights.blip2 import names as blip2_names
+from idmr_jax.weights.conversion import (ConvertError, ExportOptions, Imported, ImportOptions, apply_overrides,
+                                         config_beside, log, summarise_paths)
+from idmr_jax.weights.mapping import (IDENTITY, LINEAR, NameMap, Rule, WeightMismatchError, per_layer, prefixed,
+                                      unstack_from_model)
+from idmr_jax.weights.vit import checked_reshape
 
 OFFICIAL_CLASSES = {"adaptive/scalar": "Blip2QformerOacirAdaFocal",
                     "adaptive/vector": "Blip2QformerOacirAdaFocalVector",
@@ -73,6 +80,11 @@ UNMAPPED: tuple[str, ...] = ("blip2/itm_head/kernel", "blip2/itm_head/bias")
 # Torch names an import drops: the untrained LM head and the position_ids buffer (see the module docstring).
 IMPORT_IGNORED: tuple[str, ...] = (r"Qformer\.cls\..*", r"Qformer\.bert\.embeddings\.position_ids")
 _LM_HEAD_SEED = 0
+# (CRMConfig field, official value, what it is) of the official encoder layer; see check_exportable.
+_OFFICIAL_CRM = (("num_heads", 8, "heads"), ("ffn_dim", 2048, "FFN units (dim_feedforward)"),
+                 ("layer_norm_eps", 1e-5, "as LayerNorm eps"))
+# The CRM fields a training config sets (configs/oacir.py ``model.caam``), named that way in errors.
+_CAAM_FIELDS = ("num_heads", "ffn_dim")
 
 
 def official_class(cfg: AdaFocalConfig) -> str:
@@ -92,6 +104,17 @@ def check_exportable(cfg: AdaFocalConfig) -> None:
     if cfg.beta_mode == "adaptive" and cfg.crm.aggregator != "transformer":
         raise ValueError(f"CRM aggregator {cfg.crm.aggregator!r} is an ablation without an official class; only "
                          f"'transformer' (crm_module.transformer_encoder) can be exported")
+    if cfg.beta_mode == "adaptive":
+        # Fields the official nn.TransformerEncoderLayer(d_model=768, nhead=8, dim_feedforward=2048) fixes. The
+        # head count and eps are in no tensor shape: a model with other values would load strictly into the
+        # official class and compute another beta. (The width d_model follows the Q-Former, as the BLIP-2 part
+        # does: a tiny model keeps its tiny width, and a wrong width fails the official strict load anyway.)
+        for name, official, what in _OFFICIAL_CRM:
+            value = getattr(cfg.crm, name)
+            if value != official:
+                where = f"model.caam.{name}" if name in _CAAM_FIELDS else f"crm.{name}"
+                raise ValueError(f"{where} is {value}; the official CRM has {official} {what} "
+                                 f"(nn.TransformerEncoderLayer(d_model=768, nhead=8, dim_feedforward=2048))")
 
 
 def _linear(torch_name: str, flax_path: str) -> list[Rule]:
@@ -201,7 +224,7 @@ def to_official_state_dict(flat: Mapping[str, Any], cfg: AdaFocalConfig, *, drop
         sd = _abstract_to_torch(name_map, flat, source)
     else:
         sd = name_map.flax_to_torch(flat, source=source)
-    sd = vit_names.split_lavis_qkv_bias(sd, prefix="visual_encoder.", drop_k_bias=drop_k_bias)
+    sd = vit.split_lavis_qkv_bias(sd, prefix="visual_encoder.", drop_k_bias=drop_k_bias)
     dec = append_dec_row_default(cfg) if append_dec_row is None else append_dec_row
     if dec:
         emb = sd[WORD_EMBEDDINGS]
@@ -226,7 +249,7 @@ def from_official_state_dict(state_dict: Mapping[str, Any], cfg: AdaFocalConfig,
             raise WeightMismatchError(f"{source}: {WORD_EMBEDDINGS} has {emb.shape[0]} rows; with the appended [DEC] "
                                       f"row it should have {cfg.blip2.qformer.vocab_size + 1}")
         sd[WORD_EMBEDDINGS] = emb[:-1]
-    sd = vit_names.fuse_lavis_qv_bias(sd, prefix="visual_encoder.")
+    sd = vit.fuse_lavis_qv_bias(sd, prefix="visual_encoder.")
     return lavis_adafocal_map(cfg).torch_to_flax(sd, source=source, ignore=IMPORT_IGNORED)
 
 
@@ -251,3 +274,88 @@ def infer_config(state_dict: Mapping[str, Any], blip2_cfg) -> AdaFocalConfig:
                     head_hidden=shape("crm_module.output_head.0.weight")[0],
                     num_outputs=shape("crm_module.output_head.2.weight")[0])
     return AdaFocalConfig(blip2=blip2_cfg, crm=crm, beta_mode="adaptive", image_size=blip2_cfg.vision.image_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Import / export (formats ``lavis_adafocal`` and ``jax_serving``).
+
+
+def import_lavis_adafocal(src: Path, opts: ImportOptions) -> Imported:
+    """An official AdaFocal state dict; the architecture from --config, the ``model_config.json`` an export
+    leaves next to the weights, or the tensor shapes (:func:`infer_config`). ``itm_head`` stays at init."""
+    from idmr_jax.weights import workdir
+
+    sd = torch_io.load_torch_state_dict(src)
+    beside = config_beside(src)
+    config_file = opts.config or (str(beside) if beside.exists() else None)
+    dec_row = False
+    if config_file:
+        data = json.loads(Path(config_file).read_text())
+        if data.get("kind") != "adafocal":
+            raise ConvertError(f"{config_file}: not an AdaFocal model_config.json (kind {data.get('kind')!r})")
+        cfg = io.config_from_dict(AdaFocalConfig, data["config"])
+        dec_row = bool(data.get("lavis_adafocal", {}).get("dec_row_appended", False))
+        log(f"{src}: architecture from {config_file}")
+    else:
+        cfg = infer_config(sd, blip2_convert.infer_lavis_config(sd))
+        log(f"{src}: architecture inferred from tensor shapes (pass --config to set it): "
+            f"{json.dumps(io.config_to_dict(cfg))}")
+    cfg = apply_overrides(cfg, opts.overrides())
+    try:
+        flat = from_official_state_dict(sd, cfg, dec_row_appended=dec_row, source=str(src))
+    except ValueError as e:
+        raise ConvertError(str(e)) from e
+    # Built around the converted params (no full random init first); only itm_head is initialised.
+    fresh = sorted(UNMAPPED)
+    module = workdir.load_module("adafocal", cfg, flat, seed=opts.seed, source=str(src), fresh=fresh)
+    log(f"{src}: freshly initialised (no official counterpart): {summarise_paths(fresh)}")
+    return Imported("adafocal", module, cfg, fresh)
+
+
+def require_adafocal(source, src, fmt: str) -> None:
+    """Raises :class:`ConvertError` unless export source `source` holds an AdaFocal model."""
+    if source.kind != "adafocal":
+        raise ConvertError(f"{src}: holds a {source.kind!r} model; {fmt} needs an AdaFocal model (a training "
+                           f"workdir, one of its checkpoints, or an `import --format lavis_adafocal` output)")
+
+
+def export_lavis_adafocal(source, src, out, opts: ExportOptions) -> Path:
+    """The official AdaFocal state dict (see the module docstring) + ``model_config.json``."""
+    require_adafocal(source, src, "lavis_adafocal")
+    cfg = source.model_config
+    try:
+        name_map = lavis_adafocal_map(cfg)
+    except ValueError as e:
+        raise ConvertError(f"{src}: {e}") from e
+    flat = unstack_from_model(source.flat, name_map)
+    sd, notes = to_official_state_dict(flat, cfg, drop_k_bias=opts.drop_k_bias, source=str(src))
+    cls = official_class(cfg)
+    log(f"lavis_adafocal ({cls}): left out (no official counterpart): {notes['dropped']}")
+    log(f"lavis_adafocal: not trained by this port, written with documented values "
+        f"(idmr_jax.weights.adafocal): {notes['untrained']}")
+    if notes["dec_row_appended"]:
+        log(f"lavis_adafocal: the Q-Former vocabulary has bert-base's {cfg.blip2.qformer.vocab_size} tokens; "
+            f"appended LAVIS' [DEC] row (zeros, never read by AdaFocal)")
+    eps = cfg.blip2.ln_vision_eps if cfg.blip2.ln_vision_eps is not None else cfg.blip2.vision.layer_norm_eps
+    if eps != 1e-5:
+        log(f"note: the official ln_vision is a torch LayerNorm with eps 1e-5; this model used {eps}")
+    path = torch_io.save_torch_state_dict(torch_io.cast_floats(sd, opts.dtype), out)
+    meta = {"format_version": io.FORMAT_VERSION, "kind": "adafocal", "config": io.config_to_dict(cfg),
+            "lavis_adafocal": {"official_class": cls, **notes}, "source": source.provenance}
+    (Path(out) / io.MODEL_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def export_jax_serving(source, src, out, opts: ExportOptions) -> Path:
+    """``jax.export`` query / target functions + params of a trained AdaFocal (``idmr_jax.serving_export``)."""
+    from idmr_jax import serving_export
+    from idmr_jax.weights import workdir
+
+    if opts.dtype:
+        raise ConvertError("--dtype applies to the PyTorch formats; jax_serving keeps the trained param dtypes")
+    require_adafocal(source, src, "jax_serving")
+    if unknown := sorted(set(opts.platforms or ()) - set(serving_export.PLATFORMS)):
+        raise ConvertError(f"--platforms: unknown {unknown}; use some of {', '.join(serving_export.PLATFORMS)}")
+    module = workdir.load_module(source.kind, source.model_config, source.flat, source=str(src))
+    return serving_export.export(module, out, platforms=opts.platforms, provenance=source.provenance,
+                                 max_text_len=source.max_text_len)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_prep.idmr.geometry import Box, box_gap, position_key, relation, size_key
+from idmr_jax.tasks.idmr.synth.geometry import Box, box_gap, position_key, relation, size_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +223,7 @@ class LlavaGenerate:
     """``generate(image_with_box, prompt) -> str`` over the project's LLaVA port (`idmr_jax.models.llava`).
 
     ``checkpoint``: a transformers ``LlavaForConditionalGeneration`` folder (config, safetensors) holding its
-    tokenizer files, converted strictly by `idmr_jax.weights.llava_convert.load_hf_llava`. The image is
+    tokenizer files, converted strictly by `idmr_jax.weights.llava.load_hf_llava`. The image is
     preprocessed like CLIPImageProcessor (mean/std from ``preprocessor_config.json`` when present); the prompt is
     ``template`` with ``<image>`` replaced by as many image-token ids as the vision tower yields features, so no
     tokenizer needs to know the image token. Decoding is greedy (deterministic captions), up to
@@ -236,7 +236,7 @@ class LlavaGenerate:
         from transformers import AutoTokenizer
 
         from idmr_jax.models.vision import vision_grid
-        from idmr_jax.weights.llava_convert import load_hf_llava
+        from idmr_jax.weights.llava import load_hf_llava
 
         if template.count("<image>") != 1:
             raise ValueError(f"template must hold '<image>' once: {template!r}")
@@ -258,7 +258,7 @@ class LlavaGenerate:
             after, add_special_tokens=False)["input_ids"]
 
     def pixels(self, image: Image.Image) -> np.ndarray:
-        from data_prep.idmr.clip_filter import clip_pixels
+        from idmr_jax.tasks.idmr.synth.clip_filter import clip_pixels
 
         x = clip_pixels([image], self.image_size)
         if self.mean is not None and self.std is not None:  # undo CLIP's normalisation, apply the checkpoint's

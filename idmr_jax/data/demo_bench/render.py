@@ -13,7 +13,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from data_prep.demo import photos
+from idmr_jax.data.demo_bench import photos
 
 # Canvas aspect ratios outside this range are centre-cropped into it, so every image keeps its short side
 # near the long side (e.g. >= 224 px at a 320 px long side) instead of becoming a thin strip.

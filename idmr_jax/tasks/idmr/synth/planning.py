@@ -1,5 +1,5 @@
-"""Planning steps of the IDMR synthesis (`data_prep.idmr_synth`): image probing, the per-instance checks and
-filters, CLIP scoring and captioning (both cached in the output folder), and the train/val split.
+"""Planning steps of the IDMR synthesis (`idmr_jax.tasks.idmr.synth.synthesis`): image probing, the per-instance
+checks and filters, CLIP scoring and captioning (both cached in the output folder), and the train/val split.
 
 Everything here runs before a shard is written, so the set of triplets and the report are fixed first.
 """
@@ -18,13 +18,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_prep import images
-from data_prep.idmr import geometry
-from data_prep.idmr.captions import CaptionRequest, TemplateCaptioner
-from data_prep.idmr.clip_filter import PROMPT, Scorer
-from data_prep.idmr.sources import IMAGE, INSTANCE, ImageEntry, Loaded, Skip
-from data_prep.oacirr import ConversionError
-from data_prep.shards import map_parallel, write_json_atomic
+from idmr_jax.data import image_files
+from idmr_jax.data.shards import ConversionError, map_parallel, write_json_atomic
+from idmr_jax.tasks.idmr.synth import geometry
+from idmr_jax.tasks.idmr.synth.captions import CaptionRequest, TemplateCaptioner
+from idmr_jax.tasks.idmr.synth.clip_filter import PROMPT, Scorer
+from idmr_jax.tasks.idmr.synth.sources import IMAGE, INSTANCE, ImageEntry, Loaded, Skip
 
 TOOL_VERSION = "1.0.0"  # bump when probing or planning changes what is written (it also keys the probe cache)
 PROBE_CACHE, SCORE_CACHE, CAPTION_CACHE = ".probe_cache.json", ".clip_scores.json", ".captions.json"
@@ -34,26 +33,49 @@ FILTER_CODES = ("crowd", "too_small", "area_ratio_low", "area_ratio_high", "clip
 # --- image probing (workers) -------------------------------------------------------------------------------------
 
 
-def probe_chunk(args: tuple[Any, list]) -> list[dict]:
-    """Worker entry point: fully decode a batch of images -> probe dicts (with ``size``: the byte count)."""
-    reader, refs = args
+def probe_chunk(args: tuple[Any, list, image_files.ReadRules]) -> list[dict]:
+    """Worker entry point: fully decode a batch of images -> probe dicts (with ``size``: the byte count; a file
+    the read rules refuse gets ``size`` None and its skip ``code``)."""
+    reader, refs, rules = args
     out = []
     for ref in refs:
         try:
-            data = reader.read(ref)
+            data = reader.read(ref, rules)
+        except image_files.ImageFileRefused as e:
+            out.append({"size": None, "width": None, "height": None, "format": None, "error": str(e),
+                        "code": e.code})
+            continue
         except (FileNotFoundError, OSError) as e:
             out.append({"size": None, "width": None, "height": None, "format": None,
                         "error": f"image file cannot be read: {type(e).__name__}"})
             continue
-        out.append({**images.probe_bytes(data), "size": len(data)})
+        out.append({**image_files.probe_bytes(data), "size": len(data)})
     return out
 
 
-def probe_all(loaded: Loaded, entries: list[ImageEntry], out: str, pool: Any, workers: int) -> None:
-    """Sets ``entry.probe`` for entries without one, reusing cached probes of files with the same size and mtime."""
+def probe_all(loaded: Loaded, entries: list[ImageEntry], out: str, pool: Any, workers: int,
+              rules: image_files.ReadRules = image_files.ReadRules()) -> list[dict]:
+    """Sets ``entry.probe`` for entries without one, reusing cached probes of files with the same size and mtime.
+
+    The read rules are applied to every file first (``reader.check``; no file is opened for that), so a refused
+    file is never read and a cached probe never outlives a change of the rules. Returns the files followed
+    outside the image folder (``{"file", "target"}``; only with ``rules.follow_external_symlinks``)."""
     todo = [e for e in entries if e.probe is None]
+    external = []
+    accepted = []
+    for e in todo:
+        try:
+            checked = loaded.reader.check(e.ref, rules)
+        except image_files.ImageFileRefused as err:
+            e.probe = {"size": None, "width": None, "height": None, "format": None, "error": str(err),
+                       "code": err.code, "stat": None}
+            continue
+        if checked is not None and checked.external:
+            external.append({"file": e.file_name, "target": checked.path})
+        accepted.append(e)
+    todo = accepted
     if not todo:
-        return
+        return external
     cache_path = os.path.join(out, PROBE_CACHE)
     key = json.dumps(loaded.describe, sort_keys=True)
     cache: dict[str, dict] = {}
@@ -74,13 +96,16 @@ def probe_all(loaded: Loaded, entries: list[ImageEntry], out: str, pool: Any, wo
         logging.info("decoding %d images (%d cached)", len(missing), len(todo) - len(missing))
         step = max(1, min(256, math.ceil(len(missing) / max(1, 4 * workers))))
         chunks = [missing[i : i + step] for i in range(0, len(missing), step)]
-        results = map_parallel(probe_chunk, [(loaded.reader, [e.ref for e in c]) for c in chunks], pool)
+        results = map_parallel(probe_chunk, [(loaded.reader, [e.ref for e in c], rules) for c in chunks], pool)
         for chunk, res in zip(chunks, results):
             for e, p in zip(chunk, res):
                 st = stats[e.file_name]
                 e.probe = {**p, "stat": None if st is None else list(st)}
-    entries_cache = {e.file_name: e.probe for e in todo if e.probe.get("stat") is not None}
+    # Refused or missing files (no size) are never cached: the rules may differ on the next run.
+    entries_cache = {e.file_name: e.probe for e in todo
+                     if e.probe.get("stat") is not None and e.probe["size"] is not None}
     write_json_atomic(cache_path, {"source": key, "tool_version": TOOL_VERSION, "entries": entries_cache})
+    return external
 
 
 # --- planning: every decision about what is written, before anything is written -----------------------------------
@@ -93,14 +118,19 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 class ImageLoader:
-    """Decoded source images, one at a time (consecutive requests for the same image decode it once)."""
+    """Decoded source images, one at a time (consecutive requests for the same image decode it once), read under
+    the read rules."""
 
-    def __init__(self, reader: Any):
-        self.reader, self.ref, self.image = reader, None, None
+    def __init__(self, reader: Any, rules: image_files.ReadRules = image_files.ReadRules()):
+        self.reader, self.rules, self.ref, self.image = reader, rules, None, None
 
     def __call__(self, ref: Any) -> Image.Image:
         if ref != self.ref:
-            self.ref, self.image = ref, decode_image(self.reader.read(ref))
+            try:
+                data = self.reader.read(ref, self.rules)
+            except image_files.ImageFileRefused as e:
+                raise ConversionError(f"{ref}: changed since it was checked: {e}") from e
+            self.ref, self.image = ref, decode_image(data)
         return self.image
 
 
@@ -116,7 +146,8 @@ def candidates(loaded: Loaded, entries: list[ImageEntry], spec: geometry.FilterS
         p = e.probe
         problem = None
         if p["error"] is not None:
-            code = "missing_image" if p["size"] is None else "undecodable_image"
+            # Probes cached by an older version carry no code: a size means the file was read.
+            code = p.get("code") or ("missing_image" if p["size"] is None else "undecodable_image")
             problem = ("file_name", code, f"{p['error']} ({e.file_name})")
         else:
             for key, declared, actual in (("width", e.width, p["width"]), ("height", e.height, p["height"])):
@@ -164,12 +195,13 @@ def _load_cache(path: str, owner: str) -> dict:
     return {}
 
 
-def score(cands: list[dict], loaded: Loaded, scorer: Scorer, out: str, batch: int = 64) -> None:
+def score(cands: list[dict], loaded: Loaded, scorer: Scorer, out: str, batch: int = 64,
+          rules: image_files.ReadRules = image_files.ReadRules()) -> None:
     """Sets ``cand["clip_score"]`` with the scorer, reusing cached scores of the same scorer and crop."""
     path = os.path.join(out, SCORE_CACHE)
     cache = _load_cache(path, scorer.name)
     todo = [c for c in cands if cache.get(c["annotation_id"], {}).get("rect") != list(c["rect"])]
-    load = ImageLoader(loaded.reader)
+    load = ImageLoader(loaded.reader, rules)
     for s in range(0, len(todo), batch):
         part = todo[s : s + batch]
         crops = [load(c["entry"].ref).crop(c["rect"]).convert("RGB") for c in part]
@@ -184,12 +216,13 @@ def score(cands: list[dict], loaded: Loaded, scorer: Scorer, out: str, batch: in
         c["clip_score"] = cache[c["annotation_id"]]["score"]
 
 
-def caption(cands: list[dict], loaded: Loaded, captioner: Any, out: str) -> None:
+def caption(cands: list[dict], loaded: Loaded, captioner: Any, out: str,
+            rules: image_files.ReadRules = image_files.ReadRules()) -> None:
     """Sets ``cand["caption"]``; captions of model-based captioners are cached (they are the expensive part)."""
     cached = captioner.name != TemplateCaptioner.name
     path = os.path.join(out, CAPTION_CACHE)
     cache = _load_cache(path, captioner.name) if cached else {}
-    load = ImageLoader(loaded.reader)
+    load = ImageLoader(loaded.reader, rules)
     for n, c in enumerate(cands):
         hit = cache.get(c["annotation_id"])
         if hit is not None and hit["box"] == list(c["box"]):

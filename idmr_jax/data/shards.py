@@ -1,4 +1,7 @@
-"""Resumable, deterministic, process-parallel writer of ArrayRecord shards.
+"""Resumable, deterministic, process-parallel writer of ArrayRecord shards, shared by the dataset converters.
+
+The converters (`idmr_jax.tasks.oacir.release`, `idmr_jax.tasks.idmr.synth`; CLIs in ``data_prep/``) plan their
+output here and raise `ConversionError` on input they cannot convert.
 
 A converter describes its output as a list of `ShardPlan`s: a file name, a *content digest* (a hash of every
 input that decides the shard's bytes: record metadata, source file sizes and mtimes, options, tool version) and a
@@ -35,6 +38,10 @@ from array_record.python.array_record_module import ArrayRecordWriter
 # max_parallelism:1 keeps the writer from spawning threads inside worker processes (parallelism is per shard).
 WRITER_OPTIONS = "group_size:1,uncompressed,max_parallelism:1"
 STATE_FILE = ".convert_state.json"
+
+
+class ConversionError(RuntimeError):
+    """The input cannot be converted (broken layout, or any bad entry under --strict)."""
 
 
 def shard_name(prefix: str, index: int, count: int) -> str:
@@ -81,6 +88,26 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def check_manifest_owner(path: str | os.PathLike, tool: str, *, overwrite: bool = False) -> None:
+    """Raises `ConversionError` when ``path`` (an output folder's manifest) exists and ``tool`` did not write it:
+    its ``tool`` field (``{"name": ...}``) names another tool, or it is not JSON or has no tool field. A converter
+    calls this before writing anything, so a folder holding someone else's data is left alone; ``overwrite``
+    (the CLIs' --overwrite) skips the check."""
+    path = os.fspath(path)
+    if overwrite or not os.path.lexists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            owner = json.load(f).get("tool")
+        owner = owner.get("name") if isinstance(owner, dict) else owner
+        found = f"it was written by {owner!r}" if owner else "it has no tool field"
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):  # not JSON, not an object, unreadable
+        owner, found = None, "it is not a JSON manifest"
+    if owner != tool:
+        raise ConversionError(f"{path} exists and {tool} did not write it ({found}); pass --overwrite to replace "
+                              "it, or choose another --out")
 
 
 @dataclasses.dataclass(frozen=True)

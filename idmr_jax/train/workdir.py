@@ -1,0 +1,74 @@
+"""The layout of a training workdir, in one place: what ``python -m idmr_jax.main --workdir=W`` writes.
+
+    W/checkpoints/<step>/state/    the TrainState (Orbax; step, params, frozen, opt_state, rng)
+    W/checkpoints/<step>/config/   the resolved ml_collections config as JSON
+    W/checkpoints/<step>/data/     each process's data-iterator state (``process_<i>-of-<n>.json``)
+
+Orbax writes a step under a temporary name and renames it when the save is complete, so only all-digit folders
+holding a ``state`` item are finished checkpoints. Paths may be local or ``gs://`` (etils.epath).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from etils import epath
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_ITEM = "state"
+CONFIG_ITEM = "config"
+DATA_ITEM = "data"
+
+
+def checkpoints_dir(workdir) -> epath.Path:
+    """``WORKDIR/checkpoints``, the folder Orbax's CheckpointManager owns."""
+    return epath.Path(workdir) / CHECKPOINTS_DIR
+
+
+def finished_steps(workdir) -> list[int]:
+    """The steps of `workdir` whose checkpoint was completely written, ascending (empty if there are none)."""
+    folder = checkpoints_dir(workdir)
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / STATE_ITEM).exists())
+
+
+def latest_step(workdir) -> tuple[epath.Path, int]:
+    """(step directory, step) of the newest finished checkpoint in `workdir`; FileNotFoundError if there is none."""
+    steps = finished_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"{checkpoints_dir(workdir)}: holds no finished checkpoint (no <step>/{STATE_ITEM}; "
+                                "train first: python -m idmr_jax.main ... --workdir=...)")
+    return checkpoints_dir(workdir) / str(steps[-1]), steps[-1]
+
+
+def is_step_dir(path) -> bool:
+    """True for ``WORKDIR/checkpoints/<step>`` (holds the ``state`` and ``config`` items)."""
+    path = epath.Path(path)
+    return path.name.isdigit() and (path / STATE_ITEM).is_dir() and (path / CONFIG_ITEM).is_dir()
+
+
+def is_training_source(path) -> bool:
+    """True if `path` is a training workdir (``checkpoints/<step>/``) or one of its step directories."""
+    return is_step_dir(path) or checkpoints_dir(path).is_dir()
+
+
+def find_checkpoint(path) -> tuple[epath.Path, int]:
+    """(step directory, step) for a workdir (its latest finished step) or a step directory."""
+    path = epath.Path(path)
+    if is_step_dir(path):
+        return path, int(path.name)
+    if not checkpoints_dir(path).is_dir():
+        raise FileNotFoundError(f"{path}: not a training workdir (no {CHECKPOINTS_DIR}/) nor a checkpoint step "
+                                f"directory (no {STATE_ITEM}/ and {CONFIG_ITEM}/)")
+    return latest_step(path)
+
+
+def read_config(step_dir) -> ml_collections.ConfigDict:
+    """The resolved training config saved with the checkpoint in `step_dir`."""
+    import orbax.checkpoint as ocp  # slow to import; only readers of checkpoints need it
+
+    step_dir = epath.Path(step_dir)
+    if not (step_dir / CONFIG_ITEM).is_dir():
+        raise FileNotFoundError(f"{step_dir}: no {CONFIG_ITEM}/ item (not written by idmr_jax.main?)")
+    data = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / CONFIG_ITEM)
+    return ml_collections.ConfigDict(data)

@@ -145,6 +145,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.keep_checkpoints = 3
     t.async_checkpoints = True
     t.progress = True
+    # Resuming a workdir: "check" (the saved config must match, except idmr_jax.train.resume.FREE_FIELDS),
+    # "ignore_config" (a deliberate change, e.g. the learning rate), "fresh" (start over after every checkpoint
+    # was found corrupt). See README "Runs and workdirs".
+    t.resume = "check"
+    t.verify_checkpoints = True  # sha256 of every checkpoint file, written after each save, checked on restore
 
     # ---------------------------------------------------------------- evaluation
     e = c.eval = ml_collections.ConfigDict()

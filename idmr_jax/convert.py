@@ -21,7 +21,8 @@ Usage::
 
 The formats, and the family module that implements each, are described in ``idmr_jax.weights.formats``.
 Exit codes: 0 success; 1 verify found a difference above the tolerance; 2 bad input (missing / unexpected /
-misshapen tensors, unknown files): the message names the offending tensor.
+misshapen tensors, a non-float tensor where a float is wanted, NaN / inf weights without --allow-nonfinite,
+unreadable, truncated or unsafe files): a one-line message names the offending tensor or file.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--allow-missing-vision", action="store_true",
                      help="lavis_blip2: accept a checkpoint without visual_encoder.* (the ViT stays at init)")
     imp.add_argument("--seed", type=int, default=0, help="seed of freshly initialised params")
+    imp.add_argument("--allow-nonfinite", action="store_true", help="accept NaN / inf weights (default: refused)")
 
     exp = sub.add_parser("export", help="idmr_jax checkpoint directory -> PyTorch checkpoint folder")
     exp.add_argument("--format", required=True, choices=names_with("export"))

@@ -34,8 +34,10 @@ def main(argv):
     runtime.initialize(config, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                        process_id=_PROCESS_ID.value)
     from idmr_jax import tasks
+    from idmr_jax.config_checks import check_config
     from idmr_jax.train import trainer
 
+    check_config(config)  # a batch size or mesh the devices cannot run fails here, before data or model exist
     config = tasks.prepare_data(config)  # the demo's data is built (or reused) here, before the task
     task = tasks.build(config)
     logging.info("task %s, mode %s, workdir %s", config.task, config.mode, _WORKDIR.value)

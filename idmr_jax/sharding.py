@@ -42,17 +42,42 @@ Rules = Sequence[tuple[str, Any]]
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("idmr_axis_rules", default=None)
 
 
+def mesh_sizes(shape: dict[str, int] | Sequence[int], num_devices: int) -> list[int]:
+    """The (data, fsdp, model) sizes of `shape` on `num_devices` devices, its -1 entry resolved.
+
+    A ValueError, in the terms of the requested shape, when an axis name is unknown or missing, a size is neither
+    positive nor -1, or the sizes cannot cover exactly `num_devices` devices.
+    """
+    if isinstance(shape, dict):
+        unknown, missing = set(shape) - set(MESH_AXES), set(MESH_AXES) - set(shape)
+        if unknown or missing:
+            raise ValueError(f"mesh {dict(shape)} must name exactly the axes {MESH_AXES}; "
+                             f"unknown: {sorted(unknown)}, missing: {sorted(missing)}")
+        requested = dict(shape)
+    elif len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh {list(shape)} must give {len(MESH_AXES)} sizes, for the axes {MESH_AXES}")
+    else:
+        requested = dict(zip(MESH_AXES, shape))
+    sizes = [int(requested[a]) for a in MESH_AXES]
+    if any(s < 1 and s != -1 for s in sizes) or sizes.count(-1) > 1:
+        raise ValueError(f"mesh {requested}: every size must be positive, except at most one -1 (the devices left "
+                         "over)")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh {requested}: the -1 axis takes the devices left over, but the other axes' "
+                             f"product {known} does not divide the {num_devices} devices")
+        sizes[sizes.index(-1)] = num_devices // known
+    elif known != num_devices:
+        raise ValueError(f"mesh {requested} needs {known} devices, have {num_devices}: make the sizes' product "
+                         f"{num_devices}, or set one axis to -1 to take the devices left over")
+    return sizes
+
+
 def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds a (data, fsdp, model) mesh with Auto axes; a -1 entry takes the remaining devices."""
     devices = list(devices if devices is not None else jax.devices())
-    sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, dict) else list(shape)
-    if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {len(devices)}")
+    sizes = mesh_sizes(shape, len(devices))
     # Auto axes: sharding constraints and GSPMD propagation (jax.make_mesh defaults to Explicit now).
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(sizes), devices=devices)
 

@@ -3,7 +3,7 @@
     python -m idmr_jax.bench input [--workers=0,1,2] [--step-config=demo] [--examples=512] [--out=F.json]
 
 The pipeline is the trainer's (`idmr_jax.tasks.oacir.pipeline.train_iterator`: ArrayRecord read, JPEG decode,
-TargetPad/resize/crop/normalise, box mask, tokenisation, batching), measured by `idmr_jax.data.throughput` on the
+TargetPad/resize/crop/normalise, box mask, tokenisation, batching), measured by `idmr_jax.tasks.oacir.throughput` on the
 demo's real photos (the benchmark built once into the demo cache by `idmr_jax.data.demo_bench`, converted into one
 query shard per worker). The consumption rate is the median
 examples/s of the jitted train step at ``--step-config`` (the CPU demo config by default) on synthetic batches of
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> dict:
     import jax
 
     from idmr_jax.bench import configs, jax_step
-    from idmr_jax.data import throughput
+    from idmr_jax.tasks.oacir import throughput
     from idmr_jax.data.demo_bench.builder import build_demo_benchmark
     from idmr_jax.tasks.oacir import demo, release
     from idmr_jax.models.adafocal import grid

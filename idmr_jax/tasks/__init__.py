@@ -1,37 +1,45 @@
-"""Tasks: what a model family gives the shared trainer (model, loss, data, evaluation)."""
+"""Tasks: what a model family gives the shared trainer (model, loss, data, evaluation), one folder each.
+
+The registry below maps a task name to its folder. Every task folder follows one convention, so that adding a task
+is one new folder and one line in `TASKS`:
+
+    idmr_jax/tasks/<name>/task.py   TASK (the class implementing ``idmr_jax.train.trainer.Task``), MODEL_KIND
+                                    (``idmr_jax.weights.io.MODEL_KINDS``), model_config(config.model)
+    idmr_jax/tasks/<name>/demo.py   prepare(config) -> (train_dir, val_dir): builds the laptop demo's data
+"""
 
 from __future__ import annotations
 
+import copy
+import importlib
+from types import ModuleType
 from typing import Any
 
 import ml_collections
 
-
-# Task names configs may carry -> the task's folder. "adafocal" is the OACIR task's name in configs (and
-# checkpoints) written before it was called "oacir".
-TASK_NAMES = {"oacir": "oacir", "adafocal": "oacir", "idmr": "idmr"}
-# Task -> the model kind of its model (``idmr_jax.weights.io.MODEL_KINDS``), what export and convert rebuild.
-MODEL_KINDS = {"oacir": "adafocal", "idmr": "llava"}
+# Task name -> its folder (a package under idmr_jax/tasks/).
+TASKS = {"oacir": "idmr_jax.tasks.oacir", "idmr": "idmr_jax.tasks.idmr"}
+# Names that configs and checkpoints written before a rename still carry: "adafocal" was the OACIR task's name.
+LEGACY_NAMES = {"adafocal": "oacir"}
 
 
 def task_name(config: ml_collections.ConfigDict) -> str:
-    """The task of a config, ``oacir`` or ``idmr`` (legacy names mapped); ValueError for an unknown task."""
+    """The task of a config (legacy names mapped to today's); ValueError for an unknown task."""
     name = config.get("task")
-    if name not in TASK_NAMES:
-        raise ValueError(f"unknown task {name!r}; known: {sorted(TASK_NAMES)}")
-    return TASK_NAMES[name]
+    name = LEGACY_NAMES.get(name, name)
+    if name not in TASKS:
+        raise ValueError(f"unknown task {config.get('task')!r}; known: {sorted(TASKS)}")
+    return name
+
+
+def task_module(config: ml_collections.ConfigDict, part: str = "task") -> ModuleType:
+    """One module of the config's task folder, e.g. ``task_module(config, "demo")``."""
+    return importlib.import_module(f"{TASKS[task_name(config)]}.{part}")
 
 
 def build(config: ml_collections.ConfigDict):
-    """The task named by ``config.task``."""
-    name = task_name(config)
-    if name == "oacir":
-        from idmr_jax.tasks.oacir.task import OacirTask
-
-        return OacirTask(config)
-    from idmr_jax.tasks.idmr.task import IdmrTask
-
-    return IdmrTask(config)
+    """The task named by ``config.task``. Building it has no side effects (see `prepare_data`)."""
+    return task_module(config).TASK(config)
 
 
 def model_config_of(config: ml_collections.ConfigDict) -> tuple[str, Any]:
@@ -39,32 +47,21 @@ def model_config_of(config: ml_collections.ConfigDict) -> tuple[str, Any]:
 
     Only the model config is built (no task, data or tokenizer): this is what export rebuilds a trained model from.
     """
-    name = task_name(config)
-    if name == "oacir":
-        from idmr_jax.tasks.oacir.task import model_config
-    else:
-        from idmr_jax.tasks.idmr.task import model_config
-    return MODEL_KINDS[name], model_config(config.model)
+    module = task_module(config)
+    return module.MODEL_KIND, module.model_config(config.model)
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config to train on, with its data made ready: an explicit step before `build`.
 
-    For ``config.data.source == "demo"`` the task's demo data (`idmr_jax.tasks.oacir.demo`,
-    `idmr_jax.tasks.idmr.demo`) is built or reused on process 0 while every other process waits at a barrier; the
-    result is a copy of ``config`` that reads it (``source="arrayrecord"``, ``train_dir``, ``val_dir``). Any other
-    source is returned as is."""
+    For ``config.data.source == "demo"`` the task's demo data (``idmr_jax.tasks.<task>.demo``) is built or reused
+    on process 0 while every other process waits at a barrier; the result is a copy of ``config`` that reads it
+    (``source="arrayrecord"``, ``train_dir``, ``val_dir``). Any other source is returned as is."""
     if config.data.source != "demo":
         return config
-    import copy
-
     from idmr_jax import runtime
 
-    if task_name(config) == "oacir":
-        from idmr_jax.tasks.oacir import demo
-    else:
-        from idmr_jax.tasks.idmr import demo
-    train_dir, val_dir = demo.prepare(config)
+    train_dir, val_dir = task_module(config, "demo").prepare(config)
     runtime.barrier("demo_data")  # the other processes read what process 0 just wrote
     prepared = copy.deepcopy(config)
     prepared.data.source, prepared.data.train_dir, prepared.data.val_dir = "arrayrecord", train_dir, val_dir

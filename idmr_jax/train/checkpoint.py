@@ -5,9 +5,12 @@ state, and each saves its own data-iterator state (``data/process_<i>-of-<n>.jso
 pipeline sharded by process the positions differ per process. ``WORKDIR`` may be local or ``gs://``; on several
 hosts it must be a directory they all see.
 
-Resume order: the latest step whose checkpoint restores; an unreadable checkpoint (e.g. a run killed while it
-was being finalised on a filesystem without atomic renames) is reported and the previous one is used. A data
-state saved by a different number of processes is an error, not a fallback: positions cannot be remapped.
+Once a save is final (Orbax finalised it and every process passed a barrier), process 0 writes the step's
+checksums (:mod:`idmr_jax.train.integrity`). Resume order: the latest step, verified against its checksums, whose
+config may be resumed (:mod:`idmr_jax.train.resume`) and which restores. A corrupt checkpoint (checksum mismatch,
+missing file, unreadable) is moved aside to ``checkpoints/corrupt/<step>-<reason>`` and the previous one is tried;
+a checkpoint that is intact but does not fit the state (another model shape) is an error, never a fallback. So is
+a data state saved by a different number of processes: positions cannot be remapped.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from absl import logging
 from etils import epath
 
 from idmr_jax import runtime
+from idmr_jax.train import integrity, resume
 from idmr_jax.train import workdir as layout
 
 
@@ -33,6 +37,15 @@ class StatefulIterator(Protocol):
 
 class DataStateMismatchError(ValueError):
     """The checkpoint's data-iterator states were written by a different number of processes."""
+
+
+class StateMismatchError(ValueError):
+    """An intact checkpoint does not restore into the run's state (e.g. the model changed shape)."""
+
+
+# Words of Orbax/tensorstore errors that mean "this checkpoint holds other shapes or structure" (the files are
+# fine): when no checksums can tell, such a failure must not be taken for corruption.
+_MISMATCH_WORDS = ("shape", "structure", "does not match", "mismatch", "not compatible")
 
 
 def _iterator_state_json(it: StatefulIterator) -> dict:
@@ -81,10 +94,17 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 
 class Checkpointer:
     """Async, keep-N checkpoints of {state, data iterator, config} under ``WORKDIR/checkpoints`` (layout:
-    :mod:`idmr_jax.train.workdir`)."""
+    :mod:`idmr_jax.train.workdir`), with checksums written after each save and verified before each restore.
 
-    def __init__(self, workdir: str | epath.Path, *, max_to_keep: int = 3, async_save: bool = True):
+    `move_corrupt`: move corrupt checkpoints to ``checkpoints/corrupt/`` (training); False only skips them
+    (evaluation, which may run on a read-only copy or next to the training run that owns the workdir).
+    """
+
+    def __init__(self, workdir: str | epath.Path, *, max_to_keep: int = 3, async_save: bool = True,
+                 verify: bool = True, move_corrupt: bool = True):
         self.directory = layout.checkpoints_dir(workdir)
+        self.verify, self.move_corrupt = verify, move_corrupt
+        self._unchecksummed: int | None = None  # the step saved last, whose checksums are not written yet
         # Orbax's first cross-process sync (creating the directory) is a collective: line the processes up first.
         runtime.barrier("checkpointer")
         self.manager = ocp.CheckpointManager(
@@ -94,15 +114,58 @@ class Checkpointer:
         )
 
     def save(self, step: int, state: Any, data_iterator: StatefulIterator | None, config: dict) -> None:
+        self._finish_pending()
         items = {layout.STATE_ITEM: ocp.args.StandardSave(state), layout.CONFIG_ITEM: ocp.args.JsonSave(config)}
         if data_iterator is not None:
             items[layout.DATA_ITEM] = DataStateSave(_iterator_state_json(data_iterator))
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._unchecksummed = step
 
-    def restore_latest(self, target_state: Any, data_iterator: StatefulIterator | None) -> tuple[Any, int] | None:
-        """Restores the newest readable checkpoint into `target_state`'s structure and shardings."""
+    def _finish_pending(self) -> None:
+        """Waits for the last save to be final on every process, then process 0 writes its checksums."""
+        if self._unchecksummed is None:
+            return
+        self.manager.wait_until_finished()
+        runtime.barrier("checkpoint_final")  # every process's shards are written
+        step_dir = self.directory / str(self._unchecksummed)
+        if self.verify and jax.process_index() == 0 and step_dir.exists():
+            integrity.write_checksums(step_dir)
+        runtime.barrier("checkpoint_checksummed")
+        self._unchecksummed = None
+
+    def _corrupt(self, step: int, reason: str, slug: str) -> None:
+        """Reports a corrupt checkpoint and moves it aside (process 0; the others wait and re-list the steps)."""
+        where = ""
+        if self.move_corrupt:
+            if jax.process_index() == 0:
+                where = f"; moved to {integrity.quarantine(self.directory / str(step), slug)}"
+            runtime.barrier(f"quarantined_{step}")
+            self.manager.reload()
+        logging.warning("checkpoint at step %d in %s is unreadable (%s)%s", step, self.directory, reason, where)
+        print(f"warning: checkpoint {step} is unreadable ({reason}){where}; falling back to the previous one")
+
+    def restore_latest(self, target_state: Any, data_iterator: StatefulIterator | None,
+                       config: dict | None = None) -> tuple[Any, int] | None:
+        """Restores the newest intact checkpoint into `target_state`'s structure and shardings.
+
+        `config`: the run's config as JSON; checked against each checkpoint's (``resume.check_config``) before
+        anything is restored. None skips the check (evaluation).
+        """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
         for step in sorted(self.manager.all_steps(), reverse=True):
+            step_dir = self.directory / str(step)
+            verified = self.verify and (step_dir / layout.CHECKSUMS_FILE).exists()
+            problem = integrity.verify(step_dir) if self.verify else None
+            if problem:
+                self._corrupt(step, problem, "checksum")
+                continue
+            if config is not None:
+                try:
+                    saved = layout.read_config(step_dir)
+                except Exception as e:  # noqa: BLE001 - an unreadable config item is a corrupt checkpoint
+                    self._corrupt(step, f"config: {type(e).__name__}: {e}", "unreadable")
+                    continue
+                resume.check_config(saved.to_dict(), config, step=step, workdir=self.directory.parent)
             items = {layout.STATE_ITEM: ocp.args.StandardRestore(abstract)}
             if data_iterator is not None:
                 items[layout.DATA_ITEM] = DataStateRestore()
@@ -110,10 +173,14 @@ class Checkpointer:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except DataStateMismatchError:
                 raise
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
-                logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one",
-                                step, self.directory, type(e).__name__, e)
-                print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}); falling back to the previous one")
+            except Exception as e:  # noqa: BLE001 - classified below: corruption falls back, a mismatch stops
+                text = f"{type(e).__name__}: {e}"
+                if verified or any(w in str(e).lower() for w in _MISMATCH_WORDS):
+                    raise StateMismatchError(
+                        f"checkpoint {step} in {self.directory} is intact{' (checksums match)' if verified else ''} "
+                        f"but does not restore into this run's state ({text[:2000]}); the model or optimiser "
+                        "changed shape: start a new --workdir") from e
+                self._corrupt(step, text[:300], "unreadable")
                 continue
             if data_iterator is not None:
                 _restore_iterator(data_iterator, restored[layout.DATA_ITEM])
@@ -121,10 +188,10 @@ class Checkpointer:
         return None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._finish_pending()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self._finish_pending()
         self.manager.close()
 
 

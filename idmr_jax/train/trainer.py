@@ -1,6 +1,8 @@
 """The training loop shared by every task (AdaFocal, MLLM embedders): one trainer, many tasks.
 
-    state  <- restore latest checkpoint (params, optimiser, step, RNG + data iterator) or sharded init
+    lock   <- WORKDIR/.lock (process 0), so a second run in the same workdir stops at once (train/lock.py)
+    state  <- restore latest checkpoint (params, optimiser, step, RNG + data iterator) or sharded init; the saved
+              config must match (train/resume.py), corrupt checkpoints are moved aside (train/integrity.py)
     loop:     batch -> global arrays on the mesh -> jitted step (state donated) -> metrics / checkpoints
     end:      final checkpoint, then the task's evaluation
 
@@ -25,6 +27,9 @@ from flax import nnx
 from idmr_jax import runtime
 from idmr_jax import sharding as shd
 from idmr_jax.train import checkpoint as ckpt_lib
+from idmr_jax.train import resume
+from idmr_jax.train import workdir as layout
+from idmr_jax.train.lock import WorkdirLock
 from idmr_jax.train.metric_writer import MetricWriter
 from idmr_jax.train.setup import setup_state
 from idmr_jax.train.state import batch_shardings, make_train_step
@@ -69,10 +74,22 @@ def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int | 
 
 
 def train_and_evaluate(task: Task, workdir: str | epath.Path) -> dict:
-    """Trains `task` in `workdir` (resuming if it holds checkpoints) and returns the final eval metrics."""
-    config = task.config
+    """Trains `task` in `workdir` (resuming if it holds checkpoints) and returns the final eval metrics.
+
+    Holds the workdir's lock for the whole run (process 0 only; released on exceptions too).
+    """
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    resume_mode = task.config.train.get("resume", "check")
+    if resume_mode not in resume.RESUME_MODES:
+        raise ValueError(f"config.train.resume={resume_mode!r}; use one of {resume.RESUME_MODES}")
+    with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+        runtime.barrier("workdir_locked")
+        return _train_and_evaluate(task, workdir)
+
+
+def _train_and_evaluate(task: Task, workdir: epath.Path) -> dict:
+    config = task.config
     mesh = shd.mesh_from_config(config)
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
@@ -82,14 +99,17 @@ def train_and_evaluate(task: Task, workdir: str | epath.Path) -> dict:
     rules, graphdef, state = setup.rules, setup.graphdef, setup.state
 
     with shd.axis_rules(mesh, rules):
+        resume.check_fresh_start(workdir, config.train.get("resume", "check"), before_restore=True)
         checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.get("keep_checkpoints", 3),
-                                             async_save=config.train.get("async_checkpoints", True))
-        restored = checkpointer.restore_latest(state, data_iter)
+                                             async_save=config.train.get("async_checkpoints", True),
+                                             verify=config.train.get("verify_checkpoints", True))
+        restored = checkpointer.restore_latest(state, data_iter, ckpt_lib.config_to_json(config))
         if restored is not None:
             state, start = restored
             logging.info("resumed from step %d", start)
             print(f"resuming from checkpoint at step {start}")
         else:
+            resume.check_fresh_start(workdir, config.train.get("resume", "check"), before_restore=False)
             state = task.load_pretrained(state, mesh)
             start = 0
 
@@ -152,21 +172,49 @@ def train_and_evaluate(task: Task, workdir: str | epath.Path) -> dict:
     return results
 
 
+def check_eval_ready(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    """Fails before any work if evaluation would report random weights or could not write its results: it needs
+    a finished checkpoint in `workdir` or explicit initial weights (``config.model.init.format``), and a
+    writable ``WORKDIR/eval/``."""
+    init = config.model.get("init") or {}
+    if not layout.finished_steps(workdir) and not init.get("format"):
+        raise FileNotFoundError(
+            f"{workdir}: no finished checkpoint to evaluate, and config.model.init.format is empty: that would "
+            "evaluate randomly initialised weights. Train first (--config.mode=train), point --workdir at a "
+            "training workdir, or name initial weights with --config.model.init.format=... --config.model.init.path=...")
+    if jax.process_index() == 0:  # the only writer of the results
+        probe = workdir / layout.EVAL_DIR / f".write-test-{jax.process_index()}"
+        try:
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise PermissionError(f"{probe.parent} is not writable ({type(e).__name__}: {e}); evaluation would lose "
+                                  "its results: use a writable copy of the workdir") from e
+
+
 def evaluate_only(task: Task, workdir: str | epath.Path) -> dict:
-    """Restores the latest checkpoint in `workdir` (or the pretrained/initial weights) and evaluates."""
+    """Restores the latest intact checkpoint in `workdir` (or, with none, the weights ``config.model.init``
+    names) and evaluates; see `check_eval_ready` for what it refuses."""
     workdir = epath.Path(workdir)
+    config = task.config
+    check_eval_ready(config, workdir)
     # The optimiser state is only a restore target here: its schedule length does not matter.
     setup = setup_state(task, total_steps=1)
     mesh, graphdef, state = setup.mesh, setup.graphdef, setup.state
     with shd.axis_rules(mesh, setup.rules):
-        checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
-        restored = checkpointer.restore_latest(state, None)
         step = 0
-        if restored is not None:
+        if layout.finished_steps(workdir):
+            # Corrupt checkpoints are skipped, not moved: the workdir may be read-only or in use by training.
+            checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False, move_corrupt=False,
+                                                 verify=config.train.get("verify_checkpoints", True))
+            restored = checkpointer.restore_latest(state, None)
+            checkpointer.close()
+            if restored is None:
+                raise FileNotFoundError(f"{workdir}: none of its checkpoints is readable; nothing to evaluate")
             state, step = restored
         else:
             state = task.load_pretrained(state, mesh)
         model = nnx.merge(graphdef, state.params, state.frozen)
         results = task.evaluate(model, workdir, step)
-        checkpointer.close()
     return results

@@ -3,9 +3,14 @@
     W/checkpoints/<step>/state/    the TrainState (Orbax; step, params, frozen, opt_state, rng)
     W/checkpoints/<step>/config/   the resolved ml_collections config as JSON
     W/checkpoints/<step>/data/     each process's data-iterator state (``process_<i>-of-<n>.json``)
+    W/checkpoints/<step>/checksums.json   sha256 of every file of the step, written once the save is final
+    W/checkpoints/corrupt/<step>-<reason>/  checkpoints found unreadable, moved aside (never deleted)
+    W/.lock                        JSON {host, pid, start_time} of the run that holds the workdir
+    W/eval/                        evaluation outputs (metrics.json, rankings.jsonl)
 
 Orbax writes a step under a temporary name and renames it when the save is complete, so only all-digit folders
-holding a ``state`` item are finished checkpoints. Paths may be local or ``gs://`` (etils.epath).
+holding a ``state`` item are finished checkpoints (``corrupt/`` is not one). Paths may be local or ``gs://``
+(etils.epath).
 """
 
 from __future__ import annotations
@@ -17,11 +22,25 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_ITEM = "state"
 CONFIG_ITEM = "config"
 DATA_ITEM = "data"
+CHECKSUMS_FILE = "checksums.json"
+CORRUPT_DIR = "corrupt"
+LOCK_FILE = ".lock"
+EVAL_DIR = "eval"
 
 
 def checkpoints_dir(workdir) -> epath.Path:
     """``WORKDIR/checkpoints``, the folder Orbax's CheckpointManager owns."""
     return epath.Path(workdir) / CHECKPOINTS_DIR
+
+
+def corrupt_dir(workdir) -> epath.Path:
+    """``WORKDIR/checkpoints/corrupt``: where unreadable checkpoints are moved aside."""
+    return checkpoints_dir(workdir) / CORRUPT_DIR
+
+
+def lock_file(workdir) -> epath.Path:
+    """``WORKDIR/.lock``: the lock of the run that writes to `workdir` (see ``idmr_jax.train.lock``)."""
+    return epath.Path(workdir) / LOCK_FILE
 
 
 def finished_steps(workdir) -> list[int]:

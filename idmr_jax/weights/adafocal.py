@@ -62,6 +62,7 @@ from idmr_jax.models.crm import CRMConfig
 from idmr_jax.weights import io, torch_io, vit
 from idmr_jax.weights.blip2 import convert as blip2_convert
 from idmr_jax.weights.blip2 import names as blip2_names
+from idmr_jax.weights.checks import read_json_file
 from idmr_jax.weights.conversion import (ConvertError, ExportOptions, Imported, ImportOptions, apply_overrides,
                                          config_beside, log, summarise_paths)
 from idmr_jax.weights.mapping import (IDENTITY, LINEAR, NameMap, Rule, WeightMismatchError, per_layer, prefixed,
@@ -285,12 +286,12 @@ def import_lavis_adafocal(src: Path, opts: ImportOptions) -> Imported:
     leaves next to the weights, or the tensor shapes (:func:`infer_config`). ``itm_head`` stays at init."""
     from idmr_jax.weights import workdir
 
-    sd = torch_io.load_torch_state_dict(src)
+    sd = torch_io.load_torch_state_dict(src, allow_nonfinite=opts.allow_nonfinite)
     beside = config_beside(src)
     config_file = opts.config or (str(beside) if beside.exists() else None)
     dec_row = False
     if config_file:
-        data = json.loads(Path(config_file).read_text())
+        data = read_json_file(config_file)
         if data.get("kind") != "adafocal":
             raise ConvertError(f"{config_file}: not an AdaFocal model_config.json (kind {data.get('kind')!r})")
         cfg = io.config_from_dict(AdaFocalConfig, data["config"])

@@ -8,14 +8,15 @@ Family modules (:mod:`idmr_jax.weights.blip2`, :mod:`~idmr_jax.weights.adafocal`
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from idmr_jax.weights import io, torch_io
+# ConvertError and log are defined with the input checks (below torch_io and mapping, which raise and log too);
+# the families import them from here with the rest of what they share.
+from idmr_jax.weights.checks import ConvertError, log, read_json_file
 
 # Default verify tolerances (max abs difference over all compared outputs). float32 is the project-wide parity
 # bound. bfloat16 runs the port in bf16 compute (float32 params) against the float32 reference: bf16 keeps 8
@@ -25,15 +26,6 @@ DEFAULT_TOL = {"float32": 1e-4, "bfloat16": 0.25}
 
 # Non-persistent buffers that older transformers versions wrote into checkpoints; never weights.
 BUFFER_IGNORES: tuple[str, ...] = (r"(.*\.)?position_ids",)
-
-
-class ConvertError(Exception):
-    """A user-facing conversion error (bad paths, unsupported checkpoints); the CLI exits with code 2."""
-
-
-def log(msg: str) -> None:
-    """A progress / provenance note on stderr (stdout is reserved for verify's result lines)."""
-    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +38,7 @@ class ImportOptions:
     cross_attention_freq: int = 2
     encoder_hidden_size: int = 1408
     allow_missing_vision: bool = False
+    allow_nonfinite: bool = False
 
     def overrides(self) -> dict[str, Any]:
         """Config fields set on the command line, for every sub-config that has them."""
@@ -102,7 +95,7 @@ def read_json(path: str | Path) -> dict:
         path = path / "config.json"
     if not path.exists():
         raise ConvertError(f"{path}: no such config file")
-    return json.loads(path.read_text())
+    return read_json_file(path)
 
 
 def hf_config_of(src: Path, config: str | None) -> dict:

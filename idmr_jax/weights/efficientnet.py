@@ -23,6 +23,7 @@ from idmr_jax.models.efficientnet import (
     EfficientNetPatchEncoder,
     efficientnet_lite0_config,
 )
+from idmr_jax.weights import torch_io
 from idmr_jax.weights.mapping import CONV2D, LINEAR, NameMap, Rule, flatten_params, load_into
 
 # Buffers torch keeps for training-mode BN only; dropped on import, absent on export (a torch BatchNorm loading a
@@ -93,10 +94,7 @@ def lite0_weights_path() -> str:
 
 def read_lite0_state_dict(path: str | None = None) -> dict[str, np.ndarray]:
     """Reads the Lite0 .pth as numpy arrays (``weights_only=True``: tensors only, nothing else unpickled)."""
-    import torch
-
-    sd = torch.load(path or lite0_weights_path(), map_location="cpu", weights_only=True)
-    return {k: v.numpy() for k, v in sd.items()}
+    return torch_io.load_torch_state_dict(path or lite0_weights_path())
 
 
 def load_efficientnet_lite0(module: EfficientNetLite | EfficientNetPatchEncoder, path: str | None = None) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from idmr_jax.weights.mapping import flatten_params, stack_for_model, unflatten_params
-from idmr_jax.weights.torch_io import is_float_dtype
+from idmr_jax.weights.checks import is_float_dtype
 
 PathLike = str | os.PathLike
 

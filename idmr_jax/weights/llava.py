@@ -46,6 +46,7 @@ from idmr_jax.models import lora as lora_lib
 from idmr_jax.models.llava import LlavaConfig, LlavaEmbedder
 from idmr_jax.models.vit import ViTConfig
 from idmr_jax.weights import decoder_lm, peft, torch_io, vit
+from idmr_jax.weights.checks import read_json_file
 from idmr_jax.weights.conversion import BUFFER_IGNORES, ExportOptions, Imported, ImportOptions, log
 from idmr_jax.weights.mapping import (LINEAR, NameMap, Rule, WeightMismatchError, flatten_params, load_into, prefixed,
                                       unstack_from_model)
@@ -204,19 +205,21 @@ def _base_filter(cfg: LlavaConfig):
 
 
 def load_hf_llava(src: str | os.PathLike, *, config: str | os.PathLike | None = None, seed: int = 0,
-                  **overrides) -> tuple[LlavaEmbedder, LlavaConfig]:
+                  allow_nonfinite: bool = False, **overrides) -> tuple[LlavaEmbedder, LlavaConfig]:
     """A :class:`LlavaEmbedder` with the weights of a transformers LLaVA checkpoint, loaded strictly.
 
-    `config`: the config.json (default: next to the weights). `overrides`: execution options for both towers
+    `config`: the config.json (default: next to the weights). `allow_nonfinite`: accept NaN / inf weights
+    (``idmr_jax.weights.checks``). `overrides`: execution options for both towers
     (``dtype``, ``scan``, ...), LlavaConfig fields (``pooling``, ``pooling_token_id``, ...) and ``lora`` (a
     :class:`~idmr_jax.models.lora.LoRAConfig` for the LM: fresh adapters, B = 0, so the outputs are unchanged).
     """
     src = Path(src)
-    cfg_dict = json.loads(Path(config).read_text()) if config else torch_io.read_hf_config(src)
+    cfg_dict = read_json_file(config) if config else torch_io.read_hf_config(src)
     if cfg_dict is None:
         raise FileNotFoundError(f"{src}: no config.json next to the weights (pass config=...)")
     cfg = with_exec(llava_config_from_hf(cfg_dict), overrides)
-    flat, _ = convert_state_dict(torch_io.load_torch_state_dict(src), cfg, source=str(src))
+    sd = torch_io.load_torch_state_dict(src, allow_nonfinite=allow_nonfinite)
+    flat, _ = convert_state_dict(sd, cfg, source=str(src))
     def build():
         return LlavaEmbedder(cfg, rngs=nnx.Rngs(seed))
 
@@ -285,7 +288,8 @@ def export_lora_adapter(model_or_flat: Any, cfg: LlavaConfig, out_dir: str | os.
 
 def import_hf_llava(src: Path, opts: ImportOptions) -> Imported:
     """``convert import --format hf_llava``: :func:`load_hf_llava` with the command line's options."""
-    model, cfg = load_hf_llava(src, config=opts.config, seed=opts.seed, **opts.overrides())
+    model, cfg = load_hf_llava(src, config=opts.config, seed=opts.seed, allow_nonfinite=opts.allow_nonfinite,
+                               **opts.overrides())
     return Imported("llava", model, cfg, [])
 
 

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from idmr_jax.weights.checks import cast_tensors, require_float
+
 Array = np.ndarray
 
 
@@ -93,6 +95,7 @@ class NameMap:
         """Converts a torch state dict to flat flax params. Every tensor must be used exactly once.
 
         `ignore` holds regexes of torch names that may be present and are dropped on purpose (e.g. buffers).
+        Every mapped tensor must be floating-point (the ports' params all are; see :mod:`~idmr_jax.weights.checks`).
         """
         ignored = [re.compile(p) for p in ignore]
         missing = [r.torch for r in self.rules if r.torch not in state_dict]
@@ -106,8 +109,10 @@ class NameMap:
                 f"{source}: {len(leftover)} unexpected tensor(s) the model does not use, e.g. {sorted(leftover)[:8]}")
         out = {}
         for r in self.rules:
+            value = np.asarray(state_dict[r.torch])
+            require_float(r.torch, value, source=source)
             try:
-                out[r.flax] = np.asarray(r.transform.to_flax(np.asarray(state_dict[r.torch])))
+                out[r.flax] = np.asarray(r.transform.to_flax(value))
             except ValueError as e:
                 raise WeightMismatchError(f"{source}: tensor {r.torch!r} ({r.transform.name}): {e}") from e
         return out
@@ -222,7 +227,8 @@ def unstack_from_model(model_flat: Mapping[str, Array], name_map: NameMap) -> di
 
 def load_into(module: nnx.Module, flat: Mapping[str, Array], *, source: str = "checkpoint",
               variables: Any = nnx.Param) -> None:
-    """Strictly writes converted flat tensors into `module`, cast to each variable's dtype.
+    """Strictly writes converted flat tensors into `module`, cast to each variable's dtype under the tensor rule
+    of :mod:`~idmr_jax.weights.checks` (float-to-float only, each dtype pair logged once).
 
     `variables` is an nnx filter of what the checkpoint holds (e.g. ``nnx.Any(nnx.Param, nnx.BatchStat)`` for
     BatchNorm statistics). Values become device arrays, so jitted calls do not re-transfer host weights.
@@ -230,7 +236,8 @@ def load_into(module: nnx.Module, flat: Mapping[str, Array], *, source: str = "c
     state = nnx.state(module, variables)
     model_flat = flatten_params(state)
     arranged = stack_for_model(flat, model_flat, source=source)
-    cast = {k: jnp.asarray(v, dtype=model_flat[k].dtype) for k, v in arranged.items()}
+    cast = cast_tensors(arranged, {k: model_flat[k].dtype for k in arranged}, source=source)
+    cast = {k: jnp.asarray(v) for k, v in cast.items()}
     nnx.replace_by_pure_dict(state, unflatten_params(cast))
     nnx.update(module, state)
 

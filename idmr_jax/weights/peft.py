@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from idmr_jax.models.decoder_lm import DecoderLMConfig
+from idmr_jax.weights import torch_io
 from idmr_jax.weights.decoder_lm import lora_rules, lora_target_modules
 from idmr_jax.weights.mapping import NameMap, WeightMismatchError, unstack_from_model
 
@@ -119,8 +120,6 @@ def import_peft_adapter(adapter_dir: str | os.PathLike, lm_cfg: DecoderLMConfig,
     in the tensors); any tensor the map does not name (e.g. modules_to_save) raises. Load the result with
     ``mapping.load_partial(model, flat)``.
     """
-    from safetensors.numpy import load_file
-
     folder = Path(adapter_dir)
     meta = json.loads((folder / ADAPTER_CONFIG).read_text())
     lora = lm_cfg.lora
@@ -135,4 +134,5 @@ def import_peft_adapter(adapter_dir: str | os.PathLike, lm_cfg: DecoderLMConfig,
         if meta.get(key):
             raise ValueError(f"{folder / ADAPTER_CONFIG}: per-module {key} is not supported")
     name_map = _lora_map(lm_cfg, module_prefix, lm_head, flax_prefix)
-    return name_map.torch_to_flax(load_file(str(folder / ADAPTER_WEIGHTS)), source=str(folder / ADAPTER_WEIGHTS))
+    weights = folder / ADAPTER_WEIGHTS
+    return name_map.torch_to_flax(torch_io.load_torch_state_dict(weights), source=str(weights))

@@ -7,7 +7,9 @@ PyTorch side
     ``torch.load(map_location="cpu", weights_only=True)``: nothing else is ever unpickled. The result is a
     ``dict[name, numpy array]`` in the stored dtype; bfloat16 stays bfloat16 (as ``ml_dtypes.bfloat16``, which
     numpy and JAX both understand) unless ``float_dtype`` asks for an explicit cast. Keeping the stored dtype
-    is what makes import -> export bit-exact.
+    is what makes import -> export bit-exact. Every read goes through :mod:`idmr_jax.weights.checks`: NaN / inf
+    are refused unless allowed, a cast is float-to-float and logged, shard names stay inside the folder, and
+    an unreadable, truncated or unsafe file raises ``ConvertError`` naming it.
     :func:`save_torch_state_dict` writes ``model.safetensors`` (metadata ``format=pt``, as transformers expects)
     and optionally ``config.json``.
     :func:`cast_floats` casts the floating-point tensors of a state dict (export ``--dtype``).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +28,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from idmr_jax.weights.checks import (ConvertError, cast_floats_to, check_finite, is_float_dtype, read_json_file,
+                                     shard_path)
 from idmr_jax.weights.mapping import WeightMismatchError
 
 PathLike = str | os.PathLike
@@ -40,9 +45,13 @@ _TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
     # safetensors' numpy backend maps BF16 to ml_dtypes.bfloat16, so no torch is needed and nothing is upcast.
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    return dict(load_file(str(path)))
+    try:
+        return dict(load_file(str(path)))
+    except SafetensorError as e:  # truncated or corrupt: say which file, without the Rust error's traceback
+        raise ConvertError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _torch_to_numpy(name: str, t) -> np.ndarray:
@@ -63,7 +72,14 @@ def _load_torch_file(path: Path) -> dict[str, np.ndarray]:
     except ImportError as e:  # torch is only in the [dev] extra
         raise ImportError(f"reading {path} needs torch (pip install 'idmr_jax[dev]'), or convert it to safetensors") from e
     # weights_only=True: a restricted unpickler that only rebuilds tensors and plain containers.
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConvertError(f"{path}: not a weights-only checkpoint ({_refusal_reason(e)}); it cannot be loaded "
+                           f"safely") from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as e:  # torch's errors for truncated / corrupt files
+        raise ConvertError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt "
+                           f"({type(e).__name__}: {_first_sentence(str(e))})") from None
     # Training checkpoints (LAVIS, Lightning) wrap the weights: {"model": sd, "optimizer": ..., "epoch": ...}.
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict", "module"):
@@ -71,15 +87,32 @@ def _load_torch_file(path: Path) -> dict[str, np.ndarray]:
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict (a mapping of tensors), got {type(obj).__name__}")
+        raise ConvertError(f"{path}: expected a state dict (a mapping of tensors), got {type(obj).__name__}")
     return {k: _torch_to_numpy(k, v) for k, v in obj.items()}
 
 
+def _first_sentence(text: str) -> str:
+    return " ".join(text.split()).split(". ")[0].rstrip(".")
+
+
+def _refusal_reason(error: pickle.UnpicklingError) -> str:
+    # torch's message suggests retrying with weights_only=False, i.e. running the pickle: keep only the reason
+    # (e.g. "Trying to load unsupported GLOBAL posix.system ..."), first sentence, one line.
+    kept = [p for p in str(error).split("\n\n") if p.strip() and "weights_only" not in p]
+    return _first_sentence(kept[0]) if kept else "its pickle holds more than tensors"
+
+
 def _load_index(folder: Path, index_file: str, loader) -> dict[str, np.ndarray]:
-    index = json.loads((folder / index_file).read_text())
+    index_path = folder / index_file
+    index = read_json_file(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ConvertError(f"{index_path}: no \"weight_map\" object")
+    # Every entry is checked before any shard is opened: a hostile index must not make us read outside `folder`.
+    shards = sorted({shard_path(folder, index_path, entry) for entry in weight_map.values()})
     out: dict[str, np.ndarray] = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        part = loader(folder / shard)
+    for shard in shards:
+        part = loader(shard)
         dupes = set(part) & set(out)
         if dupes:
             raise WeightMismatchError(f"{folder}: tensors appear in more than one shard: {sorted(dupes)[:5]}")
@@ -90,7 +123,8 @@ def _load_index(folder: Path, index_file: str, loader) -> dict[str, np.ndarray]:
     return out
 
 
-def load_torch_state_dict(path: PathLike, *, float_dtype: Any = None) -> dict[str, np.ndarray]:
+def load_torch_state_dict(path: PathLike, *, float_dtype: Any = None, allow_nonfinite: bool = False
+                          ) -> dict[str, np.ndarray]:
     """Reads a PyTorch checkpoint into ``{name: numpy array}``.
 
     Args:
@@ -98,7 +132,13 @@ def load_torch_state_dict(path: PathLike, *, float_dtype: Any = None) -> dict[st
         index), a ``.safetensors`` file, or a ``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt`` file. Torch files are read
         with ``weights_only=True``; a ``{"model": state_dict, ...}`` wrapper (LAVIS) is unwrapped.
       float_dtype: None keeps every tensor's stored dtype (bfloat16 as ``ml_dtypes.bfloat16``); otherwise
-        floating-point tensors are cast to it (e.g. ``np.float32`` to upcast half-precision checkpoints).
+        floating-point tensors are cast to it (e.g. ``np.float32`` to upcast half-precision checkpoints), each
+        (from, to) dtype pair logged once.
+      allow_nonfinite: accept NaN / inf in floating-point tensors (by default they raise ``ConvertError``
+        naming the tensor and the count).
+
+    Unreadable files (truncated safetensors, corrupt or unsafe pickles, index or shard errors) raise
+    ``ConvertError`` naming the file.
     """
     path = Path(path)
     if path.is_dir():
@@ -123,15 +163,11 @@ def load_torch_state_dict(path: PathLike, *, float_dtype: Any = None) -> dict[st
     elif path.suffix in _TORCH_SUFFIXES:
         sd = _load_torch_file(path)
     else:
-        raise ValueError(f"{path}: unknown checkpoint type (expected a folder, .safetensors, or {_TORCH_SUFFIXES})")
+        raise ConvertError(f"{path}: unknown checkpoint type (expected a folder, .safetensors, or {_TORCH_SUFFIXES})")
+    check_finite(sd, source=str(path), allow_nonfinite=allow_nonfinite)
     if float_dtype is not None:
-        sd = {k: v.astype(float_dtype) if is_float_dtype(v.dtype) else v for k, v in sd.items()}
+        sd = cast_floats_to(sd, float_dtype, source=str(path))
     return sd
-
-
-def is_float_dtype(dtype) -> bool:
-    """True for floating-point dtypes, ``ml_dtypes.bfloat16`` included (numpy does not count it as floating)."""
-    return np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16
 
 
 def cast_floats(state_dict: Mapping[str, Any], dtype: str | None) -> dict[str, Any]:
@@ -153,7 +189,7 @@ def read_hf_config(path: PathLike) -> dict | None:
     path = Path(path)
     candidate = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if candidate.exists():
-        return json.loads(candidate.read_text())
+        return read_json_file(candidate)
     return None
 
 

@@ -314,7 +314,7 @@ def import_hf_clip_vision(src: Path, opts: ImportOptions) -> Imported:
         raise ConvertError(f"{src}: expected a CLIP config (model_type 'clip_vision_model' or 'clip'), "
                            f"got {cfg_dict.get('model_type')!r}")
     cfg = apply_overrides(vit_config_from_hf(hf_vision), opts.overrides())
-    sd = torch_io.load_torch_state_dict(src)
+    sd = torch_io.load_torch_state_dict(src, allow_nonfinite=opts.allow_nonfinite)
     # Hub CLIP checkpoints (and CLIPModel) nest the tower under `vision_model.`; transformers 5 saves a
     # CLIPVisionModel without that prefix.
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in sd) else ""

@@ -260,3 +260,8 @@ class IdmrTask:
         from idmr_jax.tasks.idmr.evaluate import evaluate
 
         return evaluate(self, model, epath.Path(workdir))
+
+
+# The task registry's convention (idmr_jax/tasks/__init__.py).
+TASK = IdmrTask
+MODEL_KIND = "llava"

@@ -125,3 +125,8 @@ class OacirTask:
         if self.config.data.source == "fake":
             return evaluate_fake(model, self.fake_spec(), self.config, workdir)
         return evaluate_arrayrecord(model, self.config, self.model_config, workdir)
+
+
+# The task registry's convention (idmr_jax/tasks/__init__.py).
+TASK = OacirTask
+MODEL_KIND = "adafocal"

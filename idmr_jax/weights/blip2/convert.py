@@ -68,7 +68,7 @@ def import_hf_blip2(src: Path, opts: ImportOptions) -> Imported:
     cfg_dict = hf_config_of(src, opts.config)
     hf_cfg = parse_hf_blip2_config(cfg_dict)
     cfg = apply_overrides(names.blip2_config_from_hf(hf_cfg), opts.overrides())
-    sd = torch_io.load_torch_state_dict(src)
+    sd = torch_io.load_torch_state_dict(src, allow_nonfinite=opts.allow_nonfinite)
     archs = cfg_dict.get("architectures") or []
     module = io.build_model(cfg, kind="blip2", seed=opts.seed)
     # The architecture list decides; without one, the retrieval heads' presence does.
@@ -150,7 +150,7 @@ def blip2_config_from_file(path: str):
 def import_lavis_blip2(src: Path, opts: ImportOptions) -> Imported:
     """``lavis_blip2``: a LAVIS state dict; the architecture from --config, an export's model_config.json, or
     the tensor shapes (:func:`infer_lavis_config`)."""
-    sd = torch_io.load_torch_state_dict(src)
+    sd = torch_io.load_torch_state_dict(src, allow_nonfinite=opts.allow_nonfinite)
     # `export --format lavis_blip2` leaves the architecture next to the weights: prefer it to guessing.
     beside = config_beside(src)
     if opts.config:
@@ -192,7 +192,7 @@ def import_hf_bert(src: Path, opts: ImportOptions) -> Imported:
         max_position_embeddings=bert["max_position_embeddings"], layer_norm_eps=bert.get("layer_norm_eps", 1e-12),
         pad_token_id=bert.get("pad_token_id", 0) or 0, hidden_act=bert.get("hidden_act", "gelu"))
     cfg = apply_overrides(cfg, opts.overrides())
-    flat, _ = names.qformer_from_bert(torch_io.load_torch_state_dict(src), cfg)
+    flat, _ = names.qformer_from_bert(torch_io.load_torch_state_dict(src, allow_nonfinite=opts.allow_nonfinite), cfg)
     module = io.build_model(cfg, kind="qformer", seed=opts.seed)
     fresh = load_partial(module, flat, source=str(src))
     log(f"{src}: BERT -> Q-Former; freshly initialised: {summarise_paths(fresh)}")

@@ -1,6 +1,6 @@
 """Input-pipeline throughput: examples/s of the OACIR train pipeline (read + decode + transform + batch).
 
-    python -m idmr_jax.data.throughput --shards DIR [--workers 0,1,2] [--batch-size 32] [--examples 512]
+    python -m idmr_jax.tasks.oacir.throughput --shards DIR [--workers 0,1,2] [--batch-size 32] [--examples 512]
         [--image-size 224] [--patch 14] [--read-threads 2]
 
 ``DIR`` is a converted train folder (`python -m data_prep.oacirr ... --split train`). For each worker count the

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import pytest
@@ -72,7 +73,7 @@ def _write_lock(workdir, pid, start_time=0.0):
 
 
 def _largest_state_file(workdir, step):
-    files = [p for p in (layout.checkpoints_dir(workdir) / str(step) / "state").rglob("*") if p.is_file()]
+    files = [p for p in (Path(workdir) / "checkpoints" / str(step) / "state").rglob("*") if p.is_file()]
     return max(files, key=lambda p: p.stat().st_size)
 
 
@@ -121,9 +122,19 @@ def test_config_change_is_refused_and_keeps_the_checkpoints(base_run, tmp_path):
 
 
 def test_shape_mismatch_is_an_error_not_corruption(base_run, tmp_path):
+    # What --config.train.resume=ignore_config with another hidden size restores into: the saved state with one
+    # array of another shape (built from the checkpoint's metadata, so no model has to be compiled).
+    import orbax.checkpoint as ocp
+
     workdir = _copy(base_run, tmp_path)
-    with pytest.raises(checkpoint.StateMismatchError, match="checkpoint 6 .* intact"):
-        _train(workdir, **{"model.qformer.hidden_size": 32, "train.resume": "ignore_config"})
+    meta = ocp.StandardCheckpointer().metadata(Path(workdir) / "checkpoints" / "6" / "state").item_metadata
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(meta))
+    kernel = target["params"]["blip2"]["qformer"]["layers"]["0"]["ffn"]["intermediate"]["kernel"]
+    kernel["value"] = jax.ShapeDtypeStruct((32,) + kernel["value"].shape[1:], kernel["value"].dtype)
+    checkpointer = checkpoint.Checkpointer(workdir, async_save=False)
+    with pytest.raises(checkpoint.StateMismatchError, match=r"(?s)checkpoint 6 .* intact .*intermediate"):
+        checkpointer.restore_latest(target, None)
+    checkpointer.close()
     assert layout.finished_steps(workdir) == [2, 4, 6]
     assert not layout.corrupt_dir(workdir).exists()
 

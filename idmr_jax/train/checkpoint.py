@@ -43,9 +43,26 @@ class StateMismatchError(ValueError):
     """An intact checkpoint does not restore into the run's state (e.g. the model changed shape)."""
 
 
-# Words of Orbax/tensorstore errors that mean "this checkpoint holds other shapes or structure" (the files are
-# fine): when no checksums can tell, such a failure must not be taken for corruption.
-_MISMATCH_WORDS = ("shape", "structure", "does not match", "mismatch", "not compatible")
+def _shapes(tree) -> dict[str, tuple]:
+    """``{"params/…/kernel": shape}`` of a pytree of arrays or of Orbax's saved array metadata."""
+    def name(key):
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+    return {"/".join(name(k) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree) if hasattr(leaf, "shape")}
+
+
+def shape_differences(step_dir, target) -> list[str]:
+    """What differs between the arrays saved in ``step_dir/state`` (Orbax's metadata: no array is read) and the
+    arrays of `target`: ``["path: saved (64, 128) -> now (32, 128)", "path: only in the checkpoint", ...]``."""
+    saved_meta = ocp.StandardCheckpointer().metadata(epath.Path(step_dir) / layout.STATE_ITEM)
+    saved, now = _shapes(getattr(saved_meta, "item_metadata", saved_meta)), _shapes(target)
+    out = [f"{k}: saved {saved[k]} -> now {now[k]}" for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k]]
+    out += [f"{k}: only in the checkpoint" for k in sorted(saved.keys() - now.keys())]
+    out += [f"{k}: not in the checkpoint" for k in sorted(now.keys() - saved.keys())]
+    return out
 
 
 def _iterator_state_json(it: StatefulIterator) -> dict:
@@ -154,7 +171,6 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
         for step in sorted(self.manager.all_steps(), reverse=True):
             step_dir = self.directory / str(step)
-            verified = self.verify and (step_dir / layout.CHECKSUMS_FILE).exists()
             problem = integrity.verify(step_dir) if self.verify else None
             if problem:
                 self._corrupt(step, problem, "checksum")
@@ -166,6 +182,18 @@ class Checkpointer:
                     self._corrupt(step, f"config: {type(e).__name__}: {e}", "unreadable")
                     continue
                 resume.check_config(saved.to_dict(), config, step=step, workdir=self.directory.parent)
+            # A checkpoint of other shapes is intact: an error to report, never a reason to fall back.
+            try:
+                differences = shape_differences(step_dir, abstract)
+            except Exception as e:  # noqa: BLE001 - unreadable metadata is a corrupt checkpoint
+                self._corrupt(step, f"metadata: {type(e).__name__}: {str(e)[:300]}", "unreadable")
+                continue
+            if differences:
+                shown = "\n".join(f"  {d}" for d in differences[:20])
+                raise StateMismatchError(
+                    f"checkpoint {step} in {self.directory} is intact but holds a state of another shape "
+                    f"({len(differences)} arrays differ):\n{shown}\nthe model or optimiser changed shape: start a "
+                    "new --workdir")
             items = {layout.STATE_ITEM: ocp.args.StandardRestore(abstract)}
             if data_iterator is not None:
                 items[layout.DATA_ITEM] = DataStateRestore()
@@ -173,14 +201,8 @@ class Checkpointer:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except DataStateMismatchError:
                 raise
-            except Exception as e:  # noqa: BLE001 - classified below: corruption falls back, a mismatch stops
-                text = f"{type(e).__name__}: {e}"
-                if verified or any(w in str(e).lower() for w in _MISMATCH_WORDS):
-                    raise StateMismatchError(
-                        f"checkpoint {step} in {self.directory} is intact{' (checksums match)' if verified else ''} "
-                        f"but does not restore into this run's state ({text[:2000]}); the model or optimiser "
-                        "changed shape: start a new --workdir") from e
-                self._corrupt(step, text[:300], "unreadable")
+            except Exception as e:  # noqa: BLE001 - the shapes fit, so the data could not be read: corrupt
+                self._corrupt(step, f"{type(e).__name__}: {str(e)[:300]}", "unreadable")
                 continue
             if data_iterator is not None:
                 _restore_iterator(data_iterator, restored[layout.DATA_ITEM])

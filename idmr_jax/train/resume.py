@@ -103,3 +103,17 @@ def check_fresh_start(workdir, mode: str, *, before_restore: bool) -> None:
             f"{workdir} has held checkpoints but none restores (moved aside: {moved} in {corrupt}); a fresh start "
             "here would silently discard that run. Inspect them, then use a new --workdir or pass "
             "--config.train.resume=fresh to start from the initial weights in this one.")
+
+
+def check_latest_config(workdir, current: dict) -> None:
+    """`check_config` against the latest finished checkpoint of `workdir`, before anything is built (so a changed
+    config fails at once). An unreadable saved config is left to the restore, which moves that checkpoint aside."""
+    steps = layout.finished_steps(workdir)
+    if not steps:
+        return
+    step_dir = layout.checkpoints_dir(workdir) / str(steps[-1])
+    try:
+        saved = layout.read_config(step_dir)
+    except Exception:  # noqa: BLE001 - corruption is reported (and handled) by the restore
+        return
+    check_config(saved.to_dict(), current, step=steps[-1], workdir=workdir)

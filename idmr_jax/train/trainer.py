@@ -46,7 +46,9 @@ class Task(Protocol):
     frozen_patterns: tuple[str, ...]
 
     def build_model(self) -> nnx.Module: ...
-    def load_pretrained(self, state, mesh) -> Any: ...
+    def load_pretrained(self, state, mesh) -> Any:
+        """`state` with the initial weights written in; `state` itself (the same object) when it loads none."""
+
     def bind_mesh(self, mesh) -> Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]: ...
     def train_iterator(self) -> Any: ...
     def evaluate(self, model: nnx.Module, workdir: epath.Path, step: int) -> dict: ...
@@ -90,6 +92,11 @@ def train_and_evaluate(task: Task, workdir: str | epath.Path) -> dict:
 
 def _train_and_evaluate(task: Task, workdir: epath.Path) -> dict:
     config = task.config
+    config_json = ckpt_lib.config_to_json(config)
+    resume_mode = config.train.get("resume", "check")
+    # At once, before the slow set-up: a changed config, or resume=fresh over finished checkpoints.
+    resume.check_latest_config(workdir, config_json)
+    resume.check_fresh_start(workdir, resume_mode, before_restore=True)
     mesh = shd.mesh_from_config(config)
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
@@ -99,24 +106,22 @@ def _train_and_evaluate(task: Task, workdir: epath.Path) -> dict:
     rules, graphdef, state = setup.rules, setup.graphdef, setup.state
 
     with shd.axis_rules(mesh, rules):
-        resume.check_fresh_start(workdir, config.train.get("resume", "check"), before_restore=True)
         checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.get("keep_checkpoints", 3),
                                              async_save=config.train.get("async_checkpoints", True),
                                              verify=config.train.get("verify_checkpoints", True))
-        restored = checkpointer.restore_latest(state, data_iter, ckpt_lib.config_to_json(config))
+        restored = checkpointer.restore_latest(state, data_iter, config_json)
         if restored is not None:
             state, start = restored
             logging.info("resumed from step %d", start)
             print(f"resuming from checkpoint at step {start}")
         else:
-            resume.check_fresh_start(workdir, config.train.get("resume", "check"), before_restore=False)
+            resume.check_fresh_start(workdir, resume_mode, before_restore=False)
             state = task.load_pretrained(state, mesh)
             start = 0
 
         batch_sh = None
         train_step = None
         writer = MetricWriter(workdir, total_steps, initial_step=start, progress=config.train.get("progress", True))
-        config_json = ckpt_lib.config_to_json(config)
         log_every = int(config.train.log_every)
         ckpt_every = int(config.train.checkpoint_every)
         pending = None  # (step, metrics) of the previous step: checked after the next one is dispatched
@@ -172,33 +177,30 @@ def _train_and_evaluate(task: Task, workdir: epath.Path) -> dict:
     return results
 
 
-def check_eval_ready(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-    """Fails before any work if evaluation would report random weights or could not write its results: it needs
-    a finished checkpoint in `workdir` or explicit initial weights (``config.model.init.format``), and a
-    writable ``WORKDIR/eval/``."""
-    init = config.model.get("init") or {}
-    if not layout.finished_steps(workdir) and not init.get("format"):
-        raise FileNotFoundError(
-            f"{workdir}: no finished checkpoint to evaluate, and config.model.init.format is empty: that would "
-            "evaluate randomly initialised weights. Train first (--config.mode=train), point --workdir at a "
-            "training workdir, or name initial weights with --config.model.init.format=... --config.model.init.path=...")
-    if jax.process_index() == 0:  # the only writer of the results
-        probe = workdir / layout.EVAL_DIR / f".write-test-{jax.process_index()}"
-        try:
-            probe.parent.mkdir(parents=True, exist_ok=True)
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise PermissionError(f"{probe.parent} is not writable ({type(e).__name__}: {e}); evaluation would lose "
-                                  "its results: use a writable copy of the workdir") from e
+def check_eval_writable(workdir: epath.Path) -> None:
+    """Fails unless ``WORKDIR/eval/`` can be written (process 0 writes the results): checked before evaluating,
+    so a read-only workdir does not cost an evaluation whose results are then lost."""
+    if jax.process_index() != 0:
+        return
+    probe = workdir / layout.EVAL_DIR / ".write-test"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"{probe.parent} is not writable ({type(e).__name__}: {e}); evaluation would lose "
+                              "its results: evaluate a writable copy of the workdir") from e
 
 
 def evaluate_only(task: Task, workdir: str | epath.Path) -> dict:
-    """Restores the latest intact checkpoint in `workdir` (or, with none, the weights ``config.model.init``
-    names) and evaluates; see `check_eval_ready` for what it refuses."""
+    """Restores the latest intact checkpoint in `workdir` and evaluates it.
+
+    Without a checkpoint it evaluates the task's initial weights (``config.model.init``, packaged weights), and
+    refuses when there are none: that would report the metrics of random weights. Fails before evaluating if
+    ``WORKDIR/eval/`` is not writable.
+    """
     workdir = epath.Path(workdir)
     config = task.config
-    check_eval_ready(config, workdir)
     # The optimiser state is only a restore target here: its schedule length does not matter.
     setup = setup_state(task, total_steps=1)
     mesh, graphdef, state = setup.mesh, setup.graphdef, setup.state
@@ -214,7 +216,15 @@ def evaluate_only(task: Task, workdir: str | epath.Path) -> dict:
                 raise FileNotFoundError(f"{workdir}: none of its checkpoints is readable; nothing to evaluate")
             state, step = restored
         else:
-            state = task.load_pretrained(state, mesh)
+            initial = task.load_pretrained(state, mesh)
+            if initial is state:  # nothing was loaded (see Task.load_pretrained)
+                raise FileNotFoundError(
+                    f"{workdir}: no finished checkpoint to evaluate, and config.model.init names no weights: that "
+                    "would evaluate randomly initialised weights. Train first (--config.mode=train), point "
+                    "--workdir at a training workdir, or name initial weights with --config.model.init.format=... "
+                    "--config.model.init.path=...")
+            state = initial
+        check_eval_writable(workdir)
         model = nnx.merge(graphdef, state.params, state.frozen)
         results = task.evaluate(model, workdir, step)
     return results

@@ -37,8 +37,9 @@ Formats
                     compares last hidden states, logits and the last-token embedding on image+text batches
                     (right and left padded) and a text-only batch, on real positions.
     jax_serving     (export only) DIR/query.jaxexport and DIR/target.jaxexport (``jax.export``, symbolic batch),
-                    DIR/params.npz, DIR/serving.json (input / output names, shapes, dtypes) and a copy of the
-                    loader (``idmr_jax/serving.py``: ``query_fn, target_fn = serving.load(DIR)``).
+                    DIR/params.npz and DIR/serving.json (input / output names, shapes, dtypes): data only, no
+                    code. Load with ``query_fn, target_fn = idmr_jax.serving.load(DIR)`` or a vendored copy of
+                    that one file.
                     ``--platforms`` (default cpu,cuda,tpu) lists where the artifact may run.
 
 Export sources: a converted model directory (``model_config.json`` + ``params/``, written by ``import``), a

@@ -17,7 +17,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from idmr_jax.data.image_files import DEFAULT_MAX_IMAGE_BYTES, ReadRules
+from data_prep.safety_flags import add_safety_flags
+from idmr_jax.data.image_files import ReadRules
 from idmr_jax.data.shards import ConversionError, process_pool
 from idmr_jax.tasks.idmr.synth import geometry, synthesis
 from idmr_jax.tasks.idmr.synth.captions import MllmCaptioner
@@ -63,14 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--limit-images", type=int, default=None, help="use only the first N images")
     p.add_argument("--workers", type=int, default=1, help="processes for probing and shard writing")
     p.add_argument("--strict", action="store_true", help="fail on any bad input instead of skipping it")
-    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
-                   help="skip image files larger than this (default %(default)s = 64 MiB; image folders only)")
-    p.add_argument("--follow-external-symlinks", action="store_true",
-                   help="read images whose path resolves outside the image folder (symlinks); they are listed in "
-                   "the manifest. Default: skip them ('outside the dataset root'). FIFOs, devices and folders are "
-                   "always skipped, never opened")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a manifest.json in --out that this tool did not write (default: refuse)")
+    add_safety_flags(p, root="the image folder")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     base = DEMO_FILTERS if a.demo_root else d

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from idmr_jax.data.image_files import DEFAULT_MAX_IMAGE_BYTES
+from data_prep.safety_flags import add_safety_flags
 from idmr_jax.tasks.oacir.release import SPLITS, VARIANTS, ConversionError, convert
 
 
@@ -30,14 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-side", type=int, default=0, help="re-encode images longer than this (0: keep bytes)")
     p.add_argument("--workers", type=int, default=1, help="processes; one shard is one work unit")
     p.add_argument("--strict", action="store_true", help="fail on any bad entry instead of skipping it")
-    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
-                   help="skip image files larger than this (default %(default)s = 64 MiB)")
-    p.add_argument("--follow-external-symlinks", action="store_true",
-                   help="read images whose path resolves outside --root (symlinks); they are listed in the "
-                   "manifest. Default: skip them ('outside the dataset root'). FIFOs, devices and folders are "
-                   "always skipped, never opened")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a manifest.json in --out that this tool did not write (default: refuse)")
+    add_safety_flags(p, root="--root")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:

@@ -39,17 +39,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task = "idmr"
     c.mode = "train"
     c.seed = 0
+    # Mixed precision (idmr_jax/precision.py): "bf16" = bf16 compute, float32 trainable params, optimiser state,
+    # norms and loss; the frozen parts (vision tower, LM base under LoRA) are stored in bf16. tiny: float32.
+    c.precision = "bf16"
+    c.precision_overrides = ml_collections.ConfigDict()  # {part: dtype}, parts "vision", "projector", "text", "lora"
 
     # ---------------------------------------------------------------- model
     m = c.model = ml_collections.ConfigDict()
     # Full recipe sizes without a checkpoint: CLIP ViT-L/14-336 + a Qwen2-7B-sized LM; with init.format=hf_llava
-    # the sizes come from the checkpoint's config.json and only dtypes / scan / remat / LoRA apply from here.
-    m.vision = ml_collections.ConfigDict(dict(kind="vit", variant="L/14-336", image_size=336, dtype="bfloat16",
-                                              feature_stride=16, remat="none", scan=True))
+    # the sizes come from the checkpoint's config.json and only scan / remat / LoRA (and config.precision) apply.
+    m.vision = ml_collections.ConfigDict(dict(kind="vit", variant="L/14-336", image_size=336, feature_stride=16,
+                                              remat="none", scan=True))
     m.text = ml_collections.ConfigDict(dict(
         family="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
         num_kv_heads=4, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
-        tie_word_embeddings=False, dtype="bfloat16", param_dtype="float32", remat="dots", scan=True,
+        tie_word_embeddings=False, remat="dots", scan=True,
         initializer_range=0.02))
     m.vision_feature_layer = -2
     m.image_token_id = 151646
@@ -161,8 +165,7 @@ def _bert_prompts(c: ml_collections.ConfigDict, vocab: int) -> None:
 def _small_common(c: ml_collections.ConfigDict) -> None:
     m = c.model
     m.init.format, m.init.path = "", ""
-    m.text.update(dict(dtype="float32", param_dtype="float32", remat="none", scan=False, rope_theta=10000.0,
-                       tie_word_embeddings=True))
+    m.text.update(dict(remat="none", scan=False, rope_theta=10000.0, tie_word_embeddings=True))
     m.lora.rank = 0  # a random LM has nothing for LoRA to adapt: the LM and the projector train in full
     m.train_projector = True
     c.optim.grad_clip_norm = 1.0
@@ -173,7 +176,8 @@ def _tiny_overrides(c: ml_collections.ConfigDict) -> None:
     """Tiny random CLIP-ViT + Qwen2 on synthetic triplets; learns visibly within 20 steps."""
     m, d, o, t, e = c.model, c.data, c.optim, c.train, c.eval
     _small_common(c)
-    m.vision.update(dict(kind="vit", variant="clip-tiny", image_size=56, dtype="float32", scan=False))
+    c.precision = "float32"  # the exact parity tests
+    m.vision.update(dict(kind="vit", variant="clip-tiny", image_size=56, scan=False))
     m.text.update(dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                        initializer_range=0.1))
     _bert_prompts(c, 64)
@@ -198,8 +202,8 @@ def _demo_overrides(c: ml_collections.ConfigDict) -> None:
     """
     m, d, o, t, e = c.model, c.data, c.optim, c.train, c.eval
     _small_common(c)
-    m.vision.update(dict(kind="efficientnet", feature_stride=32, variant="", image_size=224, dtype="float32",
-                         scan=False))
+    c.precision = "bf16"
+    m.vision.update(dict(kind="efficientnet", feature_stride=32, variant="", image_size=224, scan=False))
     m.text.update(dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
                        initializer_range=0.02))
     _bert_prompts(c, BERT_VOCAB + 1)

@@ -39,17 +39,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task = "oacir"  # configs saved as "adafocal" (the former name) still load
     c.mode = "train"  # train | eval
     c.seed = 0
+    # Mixed precision (idmr_jax/precision.py): "bf16" = bf16 compute, float32 params, optimiser state, norms and
+    # loss (the release trains under fp16 autocast); tiny stays float32 so the exact parity tests stay exact.
+    c.precision = "float32" if tiny else "bf16"
+    c.precision_overrides = ml_collections.ConfigDict()  # {part: dtype}, parts "vision", "qformer", "caam"
 
     # ---------------------------------------------------------------- model
     m = c.model = ml_collections.ConfigDict()
     m.vision = ml_collections.ConfigDict(dict(
         kind="vit", variant="eva-tiny" if tiny else "eva-g/14", image_size=56 if tiny else 224,
-        dtype="float32" if tiny else "bfloat16",  # the frozen ViT runs in bf16 (the release uses fp16)
         remat="none", scan=not tiny))
     m.qformer = ml_collections.ConfigDict(dict(
         hidden_size=64 if tiny else 768, num_layers=4 if tiny else 12, num_heads=4 if tiny else 12,
         intermediate_size=128 if tiny else 3072, cross_attention_freq=2, vocab_size=30522,
-        max_position_embeddings=512, dtype="float32",
+        max_position_embeddings=512,
         # BERT's 0.02 init leaves a *random* tiny Q-Former almost blind to its input, so its contrastive loss
         # sits at log(B) for many steps; real runs start from pretrained weights (config.model.init).
         initializer_range=0.2 if tiny else 0.02,
@@ -150,6 +153,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # was found corrupt). See README "Runs and workdirs".
     t.resume = "check"
     t.verify_checkpoints = True  # sha256 of every checkpoint file, written after each save, checked on restore
+    # Frozen, unaugmented vision encoder: its tokens computed once per image before training and reused by every
+    # step and the evaluation (idmr_jax/tasks/oacir/feature_cache.py); refused where they are not fixed.
+    t.cache_frozen_vision = False
 
     # ---------------------------------------------------------------- evaluation
     e = c.eval = ml_collections.ConfigDict()
@@ -177,11 +183,12 @@ def _demo_overrides(c: ml_collections.ConfigDict) -> None:
     learning rates than the paper's, because the budget is a few hundred steps, not 20 epochs on 127k quadruples.
     """
     m, d, o, t, e = c.model, c.data, c.optim, c.train, c.eval
+    c.precision = "bf16"
     m.vision = ml_collections.ConfigDict(dict(kind="efficientnet", feature_stride=16, variant="", image_size=224,
-                                              dtype="float32", remat="none", scan=False))
+                                              remat="none", scan=False))
     m.qformer = ml_collections.ConfigDict(dict(
         hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, cross_attention_freq=2,
-        vocab_size=30522, max_position_embeddings=512, layer_norm_eps=1e-12, dtype="float32",
+        vocab_size=30522, max_position_embeddings=512, layer_norm_eps=1e-12,
         initializer_range=0.02, dropout=0.1))
     m.num_query_tokens = 16
     m.embed_dim = 128
@@ -194,5 +201,6 @@ def _demo_overrides(c: ml_collections.ConfigDict) -> None:
     o.schedule, o.warmup_steps = "warmup_cosine", 10
     t.num_steps = 150
     t.log_every = 10
-    t.checkpoint_every = 50
+    t.checkpoint_every = 1000  # the final checkpoint only (each save + sha256 costs seconds of a 2-core budget)
+    t.cache_frozen_vision = True  # the EfficientNet is frozen and the demo unaugmented: encode each image once
     e.batch_size = 64

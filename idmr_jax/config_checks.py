@@ -12,6 +12,7 @@ import math
 import jax
 import ml_collections
 
+from idmr_jax import precision
 from idmr_jax import sharding as shd
 from idmr_jax.losses.similarity import BATCH_AXES
 
@@ -29,9 +30,11 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None =
     Checked: ``config.sharding.mesh`` covers the devices; in train mode, ``config.data.batch_size`` is positive and
     a multiple of the devices on the batch's mesh axes (and of the process count, each process supplying an equal
     share), and divides into GradCache chunks (``config.loss.gradcache_chunk`` rows per device) if those are on;
-    ``config.eval.batch_size`` is positive (evaluation rounds it up to the mesh size itself). `num_devices` and
+    ``config.eval.batch_size`` is positive (evaluation rounds it up to the mesh size itself); ``config.precision`` and
+    ``config.precision_overrides`` name a known policy, parts and dtypes. `num_devices` and
     `process_count` default to JAX's (tests pass their own).
     """
+    precision.check(config)
     num_devices = jax.device_count() if num_devices is None else num_devices
     process_count = jax.process_count() if process_count is None else process_count
     mesh_config = dict(config.sharding.mesh)

@@ -7,6 +7,9 @@ command line, e.g. ``--config.train.num_steps=100 --config.data.batch_size=64``.
 Multi-process: the same command runs on every host (one process per host). TPU VMs and Slurm are detected by
 JAX itself; elsewhere pass ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or the
 ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables, which the flags override).
+
+Logging: warnings and errors only by default (JAX, Orbax, Grain and absl INFO lines would bury the progress bar);
+``--log_level=info`` (or ``--verbose``) shows them, ``--log_level=debug`` more.
 """
 
 from __future__ import annotations
@@ -21,12 +24,22 @@ _COORDINATOR = flags.DEFINE_string(
     "not needed on TPU VMs or under Slurm.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of JAX processes (overrides JAX_NUM_PROCESSES).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..N-1 (overrides JAX_PROCESS_ID).")
+_LOG_LEVEL = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"],
+                               "Lowest level of the log lines shown (absl, JAX, Orbax, Grain and idmr_jax).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Shorthand for --log_level=info.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def log_level() -> str:
+    """The level chosen on the command line: ``--log_level``, or "info" for ``--verbose`` (the lower of the two)."""
+    levels = ["debug", "info", "warning", "error"]
+    return min(_LOG_LEVEL.value, "info" if _VERBOSE.value else "error", key=levels.index)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(log_level())  # before JAX starts: its backend set-up logs at INFO
     config = _CONFIG.value
 
     from idmr_jax import runtime  # imported after flag parsing: it initialises JAX (multi-host aware)

@@ -156,6 +156,17 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def abstract_arrays(state: Any, mesh: Mesh, rules: Rules) -> Any:
+    """`state` (a pytree of arrays or ``jax.ShapeDtypeStruct``, nnx Variables kept) with every array a
+    ``jax.ShapeDtypeStruct`` carrying the sharding of :func:`state_shardings`: a target to compile against or
+    restore into, with nothing allocated."""
+
+    def one(sharding, subtree):  # `subtree`: a Variable (its value inside) or a bare array
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), subtree)
+
+    return jax.tree.map(one, state_shardings(state, mesh, rules), state)
+
+
 def sharded_init(build: Callable[[], nnx.Module], mesh: Mesh, rules: Rules) -> nnx.Module:
     """Builds a module directly into its sharded layout: eval_shape, then jit with out_shardings.
 

@@ -63,7 +63,7 @@ def box_mass(probs, box_mask) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def base():
-    return build(model_config(tiny_config().model))
+    return build(model_config(tiny_config()))
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_large_beta_focuses_every_cross_attention_layer(base, inputs):
 def test_vector_beta_moves_only_its_query_tokens(base, inputs):
     embeds, ids, mask, boxes = inputs
     config = tiny_config("vector")
-    cfg = model_config(config.model)
+    cfg = model_config(config)
     assert cfg.crm.num_outputs == cfg.blip2.num_query_tokens == 8
     model = build(cfg, seed=3)
     beta = model.beta(embeds, ids, mask)
@@ -289,7 +289,7 @@ def test_beta_is_never_negative():
     beta = np.asarray(crm(jnp.asarray(probes)))
     assert np.all(beta >= 0) and np.all(np.isfinite(beta))
     assert beta[:, 0].max() < 1e-20 and beta[:, -1].min() > 1  # softplus: ~0 and ~identity at the extremes
-    base_cfg = model_config(tiny_config().model)
+    base_cfg = model_config(tiny_config())
     with pytest.raises(ValueError, match="fixed_beta"):
         dataclasses.replace(base_cfg, beta_mode="fixed", fixed_beta=-1.0)
     with pytest.raises(ValueError, match="beta_mode"):

@@ -95,9 +95,9 @@ def test_every_encoder_gets_its_rule():
     from idmr_jax.tasks.oacir.pipeline import image_spec
     from idmr_jax.tasks.oacir.task import model_config
 
-    assert image_spec(model_config(oacir.get_config("tiny").model)).patch == 14
-    assert image_spec(model_config(oacir.get_config("").model)).patch == 14
-    demo = image_spec(model_config(oacir.get_config("demo").model))
+    assert image_spec(model_config(oacir.get_config("tiny"))).patch == 14
+    assert image_spec(model_config(oacir.get_config(""))).patch == 14
+    demo = image_spec(model_config(oacir.get_config("demo")))
     assert (demo.size, demo.grid, demo.patch) == (224, (14, 14), None)
 
 

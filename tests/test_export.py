@@ -106,9 +106,10 @@ def _abstract_export(config_arg: str):
 
     from idmr_jax.tasks.oacir.task import model_config
 
-    m = oacir.get_config(config_arg).model
+    config = oacir.get_config(config_arg)
+    m = config.model
     m.caam.num_heads, m.caam.ffn_dim = 8, 2048  # the official CRM's (tiny configs use 4 / 128; export refuses those)
-    cfg = model_config(m)
+    cfg = model_config(config)
     flat = flatten_params(nnx.state(workdir.build_abstract("adafocal", cfg), nnx.Param))
     flat = {k: np.broadcast_to(np.zeros((), v.dtype), v.shape) for k, v in flat.items()}
     sd, notes = adafocal_weights.to_official_state_dict(
@@ -148,13 +149,13 @@ def test_models_without_an_official_class_are_refused():
     from idmr_jax.tasks.oacir.task import model_config
     from idmr_jax.weights.workdir import ModelSource
 
-    demo = model_config(oacir.get_config("demo").model)  # EfficientNet-Lite0 vision encoder
+    demo = model_config(oacir.get_config("demo"))  # EfficientNet-Lite0 vision encoder
     source = ModelSource("adafocal", demo, {}, {})
     with pytest.raises(ConvertError, match="EfficientNet.*cannot be exported as hf_blip2"):
         blip2_convert.blip2_part(source, "demo-workdir", "hf_blip2")
     with pytest.raises(ConvertError, match="efficientnet"):
         adafocal_weights.export_lavis_adafocal(source, "demo-workdir", "unused", ExportOptions())
-    mlp = model_config(oacir.get_config("paper,crm=mlp").model)
+    mlp = model_config(oacir.get_config("paper,crm=mlp"))
     with pytest.raises(ValueError, match="aggregator 'mlp'"):
         adafocal_weights.lavis_adafocal_map(mlp)
 
@@ -167,7 +168,7 @@ def test_crm_hyperparameters_that_no_shape_shows_are_checked():
     from idmr_jax.tasks.oacir.task import model_config
     from idmr_jax.weights.workdir import ModelSource
 
-    paper = model_config(oacir.get_config("paper").model)
+    paper = model_config(oacir.get_config("paper"))
     adafocal_weights.check_exportable(paper)  # the official values pass
     four_heads = dataclasses.replace(paper, crm=dataclasses.replace(paper.crm, num_heads=4))
     with pytest.raises(ValueError, match="model.caam.num_heads is 4; the official CRM has 8 heads"):
@@ -181,7 +182,7 @@ def test_crm_hyperparameters_that_no_shape_shows_are_checked():
     eps = dataclasses.replace(paper, crm=dataclasses.replace(paper.crm, layer_norm_eps=1e-6))
     with pytest.raises(ValueError, match="crm.layer_norm_eps is 1e-06"):
         adafocal_weights.check_exportable(eps)
-    tiny = model_config(oacir.get_config("tiny").model)  # 4 heads, FFN 128
+    tiny = model_config(oacir.get_config("tiny"))  # 4 heads, FFN 128
     with pytest.raises(ValueError, match="num_heads is 4"):
         adafocal_weights.check_exportable(tiny)
     # The baseline has no CRM: nothing to check.

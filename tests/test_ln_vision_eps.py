@@ -22,13 +22,13 @@ def _built_eps(cfg) -> float:
 def test_ln_vision_eps_per_init_format(arg, fmt, eps):
     config = oacir.get_config(arg)
     config.model.init.format = fmt
-    cfg = model_config(config.model)
+    cfg = model_config(config)
     assert cfg.blip2.ln_vision_eps == (None if fmt == "hf_blip2" else LAVIS_LN_VISION_EPS)
     if arg == "tiny":  # building the full-size model abstractly is slow for a parametrised test
         assert _built_eps(cfg) == eps
 
 
 def test_demo_keeps_its_eps():
-    cfg = model_config(oacir.get_config("demo").model)
+    cfg = model_config(oacir.get_config("demo"))
     assert cfg.blip2.ln_vision_eps is None and _built_eps(cfg) == 1e-6
     assert ln_vision_eps_for("bert", cfg.blip2.vision) is None

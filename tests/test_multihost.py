@@ -14,10 +14,12 @@ embeddings 8e-5 (all else within 1.1e-5); 1 x 4 vs 1 x 8 devices, both in one pr
 1.9e-4, a few others up to 1.1e-4): a property of the summation order, not of multi-host training. With gloo on
 both sides the parameters come out bit-identical.
 
-The two-process runs share a persistent compilation cache, which changes no numbers, only
+Every process uses the test run's persistent compilation cache (tests/conftest.py), which changes no numbers, only
 the time spent compiling: on CPU only process 0's programs come back from it (JAX keys CPU programs by process
 and only process 0 writes), so the restarted process 1 compiles again. For the same reason
 ``jax_share_binary_between_hosts`` cannot be used on CPU: process 1 would wait for a program under its own key.
+The one-process reference compiles the same programs as the other 8-device tests of the tiny config
+(test_train.py, test_workdir_safety.py), so in a full run it usually reads them from the cache.
 """
 
 from __future__ import annotations
@@ -40,15 +42,20 @@ CONFIG = "configs/oacir.py:tiny,fake"
 # 2 + 2 steps of the tiny config's global batch 16 (2 per device), metrics every step, no evaluation. (Steps
 # are slow here: gloo moves every gradient between 8 ranks over TCP, on a machine with fewer cores than ranks.)
 FLAGS = ["--config.train.progress=False", "--config.eval.at_end=False", "--config.train.checkpoint_every=2",
-         "--config.train.log_every=1"]
+         "--config.train.log_every=1", "--log_level=info"]  # info: the "JAX process i/n" lines checked below
 TIMEOUT = 900
 
 
-def _env(devices: int, cache: Path | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_", "IDMR_"))}
+# The compilation cache's settings pass through; nothing else that tells JAX (or the launch code) about a cluster.
+CACHE_VARS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
+
+
+def _env(devices: int, cache: Path) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k in CACHE_VARS or not k.startswith(("JAX_", "SLURM_", "TPU_", "IDMR_"))}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    if cache is not None:
-        env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))  # run on its own, without tests/conftest.py
     return env
 
 
@@ -135,8 +142,9 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
     assert sorted(p.name for p in (multi / "checkpoints").iterdir()) == ["2"]
     # Reference: one process, 8 devices, 4 steps in one go. It runs alongside the restarted pair, whose process 0
     # reads its programs from the cache while process 1 compiles: two busy processes for two cores.
-    procs = {"single": _launch(single, logs, "single", _env(8), f"--coordinator_address=127.0.0.1:{_free_port()}",
-                               "--num_processes=1", "--process_id=0", "--config.train.num_steps=4")}
+    procs = {"single": _launch(single, logs, "single", _env(8, cache),
+                               f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=1",
+                               "--process_id=0", "--config.train.num_steps=4")}
     procs.update(_two_processes(multi, logs, "second", cache, "--config.train.num_steps=4"))
     second = ref = _wait_all(procs, logs)
 

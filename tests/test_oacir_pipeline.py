@@ -250,9 +250,9 @@ def test_adafocal_task_geometry_matches_the_pipeline():
     from configs import oacir
     from idmr_jax.tasks.oacir.task import model_config
 
-    spec = oacir_pipeline.image_spec(model_config(oacir.get_config("tiny").model))
+    spec = oacir_pipeline.image_spec(model_config(oacir.get_config("tiny")))
     assert (spec.size, spec.grid) == (SIZE, GRID)
-    spec = oacir_pipeline.image_spec(model_config(oacir.get_config("").model))
+    spec = oacir_pipeline.image_spec(model_config(oacir.get_config("")))
     assert (spec.size, spec.grid) == (224, (16, 16))
 
 

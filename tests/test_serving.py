@@ -40,7 +40,7 @@ def exported(tmp_path_factory):
     """(model, artifact folder): a tiny AdaFocal (56 px, vocabulary 128) with random params, exported for cpu."""
     config = oacir.get_config("tiny")
     config.model.qformer.vocab_size = 128  # a small vocabulary keeps the params small; nothing depends on it
-    cfg = model_config(config.model)
+    cfg = model_config(config)
     abstract = flatten_params(nnx.state(workdir.build_abstract("adafocal", cfg), nnx.Param))
     rng = np.random.default_rng(0)
     flat = {k: (0.05 * rng.standard_normal(a.shape)).astype(a.dtype) for k, a in abstract.items()}

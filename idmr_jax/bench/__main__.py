@@ -1,6 +1,6 @@
 """``python -m idmr_jax.bench SUITE [flags]``: runs one benchmark suite, prints its JSON and writes it to --out.
 
-Suites: train_step, mfu, retrieval, input, loss_memory (see each module's docstring for its flags, or
+Suites: train_step, mfu, retrieval, input, loss_memory, real_size (see each module's docstring for its flags, or
 ``python -m idmr_jax.bench SUITE --help``).
 """
 
@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-SUITES = ("train_step", "mfu", "retrieval", "input", "loss_memory")
+SUITES = ("train_step", "mfu", "retrieval", "input", "loss_memory", "real_size")
 _MODULES = {"input": "input_pipeline"}  # `input` shadows a builtin as a module name
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import ml_collections
 
+from idmr_jax import precision
 from idmr_jax.models.adafocal import AdaFocalConfig
 
 # The bench presets: (configs/oacir.py keywords, overrides applied to the resulting ConfigDict).
@@ -30,7 +31,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
     # 2 Q-Former layers (one with cross-attention) and a 1024-word vocabulary: compiles in seconds.
     "tiny": ("tiny,fake", {"data.batch_size": 8, "model.qformer.num_layers": 2, "model.qformer.vocab_size": 1024}),
     "cpu_mid": ("fake", {
-        "model.vision.variant": "eva-g/14", "model.vision.dtype": "float32", "model.vision.scan": False,
+        "precision": "float32", "model.vision.variant": "eva-g/14", "model.vision.scan": False,
         "model.vision.overrides": dict(width=256, depth=4, num_heads=4, mlp_dim=1024),
         "model.qformer.hidden_size": 256, "model.qformer.num_layers": 4, "model.qformer.num_heads": 4,
         "model.qformer.intermediate_size": 1024,
@@ -55,12 +56,24 @@ def _oacir_module():
     return module
 
 
-def _set(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+def set_field(config: ml_collections.ConfigDict, dotted: str, value, *, must_exist: bool = False) -> None:
+    """``config.<dotted> = value``; with `must_exist`, a KeyError naming a field the config does not have."""
     *parents, leaf = dotted.split(".")
     node = config
     for p in parents:
         node = node[p]
+    if must_exist and leaf not in node:
+        raise KeyError(f"config field {dotted!r} does not exist")
     node[leaf] = value
+
+
+def from_file(name: str) -> ml_collections.ConfigDict:
+    """``get_config(ARGS)`` of a config file named as ``path/to/file.py[:ARGS]``."""
+    path, _, arg = name.partition(":")
+    spec = importlib.util.spec_from_file_location("idmr_bench_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg or None)
 
 
 def load(name: str, *, dtype: str | None = None, batch_size: int | None = None, device_count: int = 1
@@ -68,15 +81,11 @@ def load(name: str, *, dtype: str | None = None, batch_size: int | None = None, 
     """The config for ``--config=NAME[,KEYWORD...]`` (a preset plus configs/oacir.py keywords) or
     ``--config=path/to/file.py[:ARGS]``.
 
-    `dtype` sets the compute dtype of the ViT and the Q-Former (e.g. ``bfloat16``); `batch_size` the global
+    `dtype` sets ``config.precision`` (``bfloat16`` -> "bf16", see idmr_jax/precision.py); `batch_size` the global
     batch (default: the preset's, for ``vitg`` 32 per device).
     """
     if ".py" in name:
-        path, _, arg = name.partition(":")
-        spec = importlib.util.spec_from_file_location("idmr_bench_user_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config(arg or None)
+        config = from_file(name)
     else:
         preset, _, extra = name.partition(",")
         if preset not in PRESETS:
@@ -84,12 +93,11 @@ def load(name: str, *, dtype: str | None = None, batch_size: int | None = None, 
         keywords, overrides = PRESETS[preset]
         config = _oacir_module().get_config(",".join(filter(None, [keywords, extra])))
         for key, value in overrides.items():
-            _set(config, key, value)
+            set_field(config, key, value)
         if preset == "vitg":
             config.data.batch_size = 32 * device_count
     if dtype:
-        config.model.vision.dtype = dtype
-        config.model.qformer.dtype = dtype
+        config.precision = precision.policy_for_dtype(dtype)
     if batch_size:
         config.data.batch_size = int(batch_size)
     config.data.fake_pool = max(int(config.data.fake_pool), int(config.data.batch_size))
@@ -101,7 +109,7 @@ def model_config(config: ml_collections.ConfigDict) -> AdaFocalConfig:
     """The trainer's AdaFocalConfig for `config`, with ``model.vision.overrides`` applied to the ViT."""
     from idmr_jax.tasks.oacir.task import model_config as trainer_model_config
 
-    mc = trainer_model_config(config.model)
+    mc = trainer_model_config(config)
     overrides = dict(config.model.vision.get("overrides", None) or {})
     if not overrides:
         return mc

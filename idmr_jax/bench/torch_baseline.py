@@ -13,6 +13,12 @@ baseline step does:
 * loss: cross-entropy of ``max_k <q_i, t_j[k]> / temp`` against the diagonal (query -> target);
 * AdamW (the release recipe's betas, eps and weight decay; the fused CPU kernel when available) on every
   trainable parameter. Dropout as configured, in train mode on both sides.
+
+Precision follows the JAX side's policy (:mod:`idmr_jax.precision`). ``"bf16"``: the forward runs under
+``torch.autocast("cpu", dtype=torch.bfloat16)`` (bf16 matmuls, SDPA and convolutions, LayerNorm and softmax in
+float32) with float32 trainable parameters and optimiser state; the frozen ViT stores its weights in bfloat16, as
+the JAX side does (so neither side re-casts them every step); the L2 normalisation, the temperature-scaled
+similarity and the cross-entropy run in float32 (autocast off there, as the policy says).
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ class BaselineStep:
     """One PyTorch train step of the standard CIR baseline; see the module docstring."""
 
     def __init__(self, blip2_cfg, flat_weights: dict[str, np.ndarray], temp: float, optim_cfg, *,
-                 threads: int | None = None, attn_implementation: str | None = None):
+                 threads: int | None = None, attn_implementation: str | None = None,
+                 compute_dtype: str = "float32", frozen_vision_dtype: str | None = None):
         torch = _torch()
         import transformers
 
@@ -44,8 +51,7 @@ class BaselineStep:
         full = transformers.Blip2ForImageTextRetrieval(hf_cfg)
         if blip2_cfg.ln_vision_eps is not None:  # transformers takes the ViT's eps; the recipe's is LAVIS' 1e-5
             full.vision_model.post_layernorm.eps = float(blip2_cfg.ln_vision_eps)
-        missing, unexpected = full.load_state_dict({k: torch.from_numpy(np.array(v))
-                                                    for k, v in flat_weights.items()}, strict=False)
+        missing, unexpected = full.load_state_dict({k: _tensor(v) for k, v in flat_weights.items()}, strict=False)
         if missing or unexpected:
             raise ValueError(f"torch baseline: weights do not match the transformers model: missing {missing[:8]}, "
                              f"unexpected {unexpected[:8]}")
@@ -57,6 +63,12 @@ class BaselineStep:
         self.temp = torch.nn.Parameter(torch.tensor(float(temp)))
         for module in (self.vision.embeddings, self.vision.encoder):
             module.requires_grad_(False)
+            if frozen_vision_dtype:
+                module.to(getattr(torch, frozen_vision_dtype))
+        if compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"torch baseline computes in float32 or bfloat16, not {compute_dtype!r}")
+        self.compute_dtype = compute_dtype
+        self.autocast = compute_dtype == "bfloat16"
         self.modules = [self.vision, self.qformer, self.embeddings, self.vision_proj, self.text_proj, self.itm_head]
         self.params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
         self.params += [self.query_tokens, self.temp]
@@ -80,16 +92,15 @@ class BaselineStep:
 
     @staticmethod
     def batch(local: dict[str, np.ndarray]) -> dict:
-        """Torch tensors from the JAX side's numpy batch (pixels NHWC -> NCHW; cached ViT tokens as they are)."""
-        torch = _torch()
-        t = lambda x: torch.from_numpy(np.array(x))  # noqa: E731  (a writable copy)
-        out = {"input_ids": t(local["input_ids"].astype(np.int64)),
-               "attention_mask": t(local["attention_mask"].astype(np.int64))}
+        """Torch tensors from the JAX side's numpy batch (pixels NHWC -> NCHW; cached ViT tokens as they are, in
+        their dtype: bfloat16 tokens stay bfloat16)."""
+        out = {"input_ids": _tensor(local["input_ids"].astype(np.int64)),
+               "attention_mask": _tensor(local["attention_mask"].astype(np.int64))}
         for side in ("ref", "tgt"):
             if f"{side}_tokens" in local:
-                out[f"{side}_tokens"] = t(local[f"{side}_tokens"])
+                out[f"{side}_tokens"] = _tensor(local[f"{side}_tokens"])
             else:
-                out[f"{side}_pixels"] = t(local[f"{side}_pixels"].transpose(0, 3, 1, 2))
+                out[f"{side}_pixels"] = _tensor(local[f"{side}_pixels"].transpose(0, 3, 1, 2))
         return out
 
     def _image_embeds(self, batch: dict, side: str):
@@ -98,13 +109,26 @@ class BaselineStep:
         tokens = batch.get(f"{side}_tokens")
         if tokens is None:
             with torch.no_grad():
-                pixels = batch[f"{side}_pixels"]
+                # In the frozen ViT's storage dtype (a bf16 ViT under a float32 policy has no autocast to cast).
+                pixels = batch[f"{side}_pixels"].to(self.vision.embeddings.patch_embedding.weight.dtype)
                 tokens = self.vision.encoder(inputs_embeds=self.vision.embeddings(pixels)).last_hidden_state
-        return self.vision.post_layernorm(tokens)
+        norm = self.vision.post_layernorm
+        return norm(tokens.to(norm.weight.dtype))
 
     def loss(self, batch: dict):
+        """The contrastive loss of `batch`, in the step's precision (autocast to bfloat16 under "bf16")."""
         torch = _torch()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            query, targets = self._features(batch)
+        # The policy's float32 tail: L2 normalisation, temperature-scaled similarity and cross-entropy.
         f = torch.nn.functional
+        query, targets = f.normalize(query.float(), dim=-1), f.normalize(targets.float(), dim=-1)
+        sim = torch.einsum("qe,tke->qtk", query, targets).amax(dim=-1) / self.temp
+        return f.cross_entropy(sim, torch.arange(query.shape[0]))
+
+    def _features(self, batch: dict):
+        """Unnormalised query features [B, E] and target token features [B, Q, E]."""
+        torch = _torch()
         ref = self._image_embeds(batch, "ref")
         tgt = self._image_embeds(batch, "tgt")
         b = ref.shape[0]
@@ -113,11 +137,9 @@ class BaselineStep:
         mask = torch.cat([torch.ones(b, nq, dtype=batch["attention_mask"].dtype), batch["attention_mask"]], dim=1)
         hidden = self.qformer(query_embeds=self.embeddings(input_ids=batch["input_ids"], query_embeds=queries),
                               query_length=nq, attention_mask=mask, encoder_hidden_states=ref).last_hidden_state
-        query = f.normalize(self.text_proj(hidden[:, nq]), dim=-1)
+        query = self.text_proj(hidden[:, nq])
         target_hidden = self.qformer(query_embeds=queries, encoder_hidden_states=tgt).last_hidden_state
-        targets = f.normalize(self.vision_proj(target_hidden), dim=-1)
-        sim = torch.einsum("qe,tke->qtk", query, targets).amax(dim=-1) / self.temp
-        return f.cross_entropy(sim, torch.arange(b))
+        return query, self.vision_proj(target_hidden)
 
     def step(self, batch: dict):
         """One update; returns the loss (a float: reading it is the step's only host sync, as in training)."""
@@ -138,15 +160,32 @@ class BaselineStep:
             self.train(True)
 
 
+def _tensor(x):
+    """A writable torch copy of a numpy array; bfloat16 (ml_dtypes) arrays become torch bfloat16 tensors."""
+    torch = _torch()
+    x = np.asarray(x)
+    if x.dtype.name == "bfloat16":  # torch cannot read ml_dtypes' bfloat16: through float32, exactly
+        return torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(np.array(x))
+
+
 def from_jax(jstep, *, threads: int | None = None, attn_implementation: str | None = None) -> BaselineStep:
-    """A :class:`BaselineStep` with the JAX step's current weights (`jstep`: a ``bench.jax_step.JaxStep``)."""
+    """A :class:`BaselineStep` with the JAX step's current weights and precision (`jstep`: a
+    ``bench.jax_step.JaxStep``): its compute dtype is the Q-Former's, and the frozen ViT stores its weights in the
+    dtype the JAX side stores them in."""
+    from idmr_jax import precision
     from idmr_jax.weights.blip2 import names as bn
 
     model = jstep.model()
     cfg = model.cfg.blip2
     flat = bn.export_state_dict(model.blip2, bn.hf_blip2_retrieval_map(cfg), skip=bn.HF_RETRIEVAL_UNMAPPED)
-    return BaselineStep(cfg, flat, float(model.temp), jstep.config.optim, threads=threads,
-                        attn_implementation=attn_implementation)
+    config = jstep.config
+    frozen = bool(config.model.freeze_vision)
+    vision_store = precision.param_dtype(config, "vision", frozen=frozen) if frozen else None
+    return BaselineStep(cfg, flat, float(model.temp), config.optim, threads=threads,
+                        attn_implementation=attn_implementation,
+                        compute_dtype=precision.dtype_name(precision.compute_dtype(config, "qformer")),
+                        frozen_vision_dtype=precision.dtype_name(vision_store) if vision_store is not None else None)
 
 
 def jax_eval_loss(jstep) -> float:

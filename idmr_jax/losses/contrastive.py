@@ -20,6 +20,11 @@ Three forms compute the same number:
   ring of :mod:`idmr_jax.losses.ring` instead, whose per-device memory does not grow with the device count.
 * :func:`infonce_gspmd`: :func:`infonce_dense` on batch-sharded global arrays; under ``jit`` GSPMD inserts the
   collectives (big_vision style). A baseline, not the path we test in depth.
+
+Precision (``config.precision``, :mod:`idmr_jax.precision`): features are gathered (or passed round the ring) in
+the dtype they arrive in, so bfloat16 features move half the bytes, and so does the reduce-scatter of their
+gradient; nothing here upcasts them first. The similarity accumulates in float32 and returns float32 logits; the
+temperature division, the logsumexp and the loss are float32 whatever the features' dtype.
 """
 
 from __future__ import annotations

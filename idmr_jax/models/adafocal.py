@@ -81,6 +81,15 @@ class AdaFocal(nnx.Module):
         embeds, _ = self.blip2.encode_image(pixels)
         return embeds
 
+    def vision_tokens(self, pixels: jax.Array) -> jax.Array:
+        """The vision encoder's own tokens, before ``ln_vision``, [B, N, D_vision] (in its compute dtype): what a
+        frozen, unaugmented encoder gives once per image, so they can be cached (`embed_tokens` continues)."""
+        return self.blip2.vision(pixels).tokens
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """``encode_image`` from `vision_tokens`' output: ``ln_vision``, [B, N, D_vision]."""
+        return self.blip2.embed_vision_tokens(tokens)
+
     def beta(self, image_embeds, input_ids, attention_mask, *, deterministic: bool = True) -> jax.Array:
         """The modulation strength, [B, 1] (scalar) or [B, Q] (vector), >= 0."""
         b = image_embeds.shape[0]

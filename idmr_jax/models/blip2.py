@@ -99,9 +99,10 @@ def blip2_config(variant: str = "pretrain", **overrides) -> Blip2Config:
 
 
 def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
-    """x / max(||x||, eps) along the last axis, in float32 (torch ``F.normalize``)."""
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    """x / max(||x||, eps) along the last axis (torch ``F.normalize``), computed in float32 and returned in x's
+    dtype: under bf16 the features stay bf16, so the global InfoNCE gathers half the bytes."""
+    x32 = x.astype(jnp.float32)
+    return (x32 / jnp.maximum(jnp.linalg.norm(x32, axis=-1, keepdims=True), eps)).astype(x.dtype)
 
 
 class Blip2(nnx.Module):
@@ -135,8 +136,12 @@ class Blip2(nnx.Module):
     def encode_image(self, pixels: Array, *, deterministic: bool = True) -> tuple[Array, tuple[int, int]]:
         """NHWC normalised pixels -> (ViT tokens after ``ln_vision`` [B, 1+gh*gw, Dv], patch grid (gh, gw))."""
         out = self.vision(pixels, deterministic=deterministic)
-        embeds = constrain(self.ln_vision(out.tokens), ("batch", "length", "vision_embed"))
-        return embeds, out.grid
+        return self.embed_vision_tokens(out.tokens), out.grid
+
+    def embed_vision_tokens(self, tokens: Array) -> Array:
+        """The vision encoder's tokens [B, N, Dv] -> ``ln_vision`` (trainable, unlike a frozen encoder): the half of
+        `encode_image` that runs after cached frozen-encoder tokens."""
+        return constrain(self.ln_vision(tokens), ("batch", "length", "vision_embed"))
 
     def image_hidden(self, image_embeds: Array, *, attention_bias: Array | None = None,
                      deterministic: bool = True) -> Array:
@@ -145,7 +150,7 @@ class Blip2(nnx.Module):
                             attention_bias=attention_bias, deterministic=deterministic).last_hidden_state
 
     def vision_projection(self, query_hidden: Array) -> Array:
-        """L2norm(vision_proj(x)) in float32: [..., D] -> [..., E]."""
+        """L2norm(vision_proj(x)) (normalised in float32, in the Q-Former's compute dtype): [..., D] -> [..., E]."""
         return l2_normalize(self.vision_proj(query_hidden))
 
     def image_features(self, image_embeds: Array, *, deterministic: bool = True) -> Array:
@@ -155,7 +160,8 @@ class Blip2(nnx.Module):
     # -- text side ------------------------------------------------------------------------------
 
     def text_projection(self, cls_hidden: Array) -> Array:
-        """L2norm(text_proj(x)) in float32: [..., D] -> [..., E] (x: a text [CLS] hidden state)."""
+        """L2norm(text_proj(x)) (normalised in float32, in the compute dtype): [..., D] -> [..., E] (x: a text
+        [CLS] hidden state)."""
         return l2_normalize(self.text_proj(cls_hidden))
 
     def text_features(self, input_ids: Array, attention_mask: Array | None = None, *,

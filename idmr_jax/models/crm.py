@@ -10,11 +10,13 @@ number of query tokens for the vector variant.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from idmr_jax.models import layers as L
 from idmr_jax.sharding import constrain
 
 _dense_init = nnx.initializers.xavier_uniform()
@@ -52,8 +54,11 @@ class EncoderLayer(nnx.Module):
         self.out_proj = _linear(d, d, ("heads", "embed"), cfg, rngs)
         self.linear1 = _linear(d, cfg.ffn_dim, ("embed", "mlp"), cfg, rngs)
         self.linear2 = _linear(cfg.ffn_dim, d, ("mlp", "embed"), cfg, rngs)
-        self.norm1 = nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+        # Statistics in float32 (flax reduces in float32), output in the compute dtype (else float32 params promote
+        # the residual stream to float32 under bf16).
+        norm = functools.partial(nnx.LayerNorm, d, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
+                                 param_dtype=cfg.param_dtype, rngs=rngs)
+        self.norm1, self.norm2 = norm(), norm()
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)  # used after attention, in the FFN and after it
 
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
@@ -61,11 +66,12 @@ class EncoderLayer(nnx.Module):
         h = self.num_heads
         q, k, v = jnp.split(self.in_proj(x), 3, axis=-1)
         q, k, v = (t.reshape(b, n, h, d // h) for t in (q, k, v))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(d // h).astype(q.dtype)
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        # PyTorch's MultiheadAttention applies its own dropout (p=dropout) to the attention weights.
-        probs = self.dropout(probs, deterministic=deterministic)
-        attn = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, d)
+        # PyTorch's MultiheadAttention applies its own dropout (p=dropout) to the attention weights; that needs
+        # the explicit softmax, otherwise jax.nn.dot_product_attention runs (layers.dot_product_attention).
+        dropout = None
+        if not deterministic and self.dropout.rate > 0:
+            dropout = functools.partial(self.dropout, deterministic=False)
+        attn = L.dot_product_attention(q, k, v, probs_dropout=dropout).reshape(b, n, d)
         x = self.norm1(x + self.dropout(self.out_proj(attn), deterministic=deterministic))
         ff = self.linear2(self.dropout(jax.nn.relu(self.linear1(x)), deterministic=deterministic))
         return self.norm2(x + self.dropout(ff, deterministic=deterministic))

@@ -14,7 +14,7 @@ RMSNorm; ``logits`` applies ``lm_head`` (or the embedding matrix when ``tie_word
   forward does when ``position_ids`` is None. Rotary attention only sees position differences, so a
   left-padded row still gives the hidden states of the unpadded sequence (up to float rounding).
   ``generate`` (transformers' and :meth:`DecoderLM.generate_greedy`) instead uses
-  :func:`positions_from_mask` (``cumsum(mask) - 1``, 0 on padding).
+  :func:`idmr_jax.models.rotary.positions_from_mask` (``cumsum(mask) - 1``, 0 on padding).
 * Generation: :meth:`DecoderLM.generate_greedy` (one jitted loop, KV cache via :meth:`DecoderLM.forward_cached`);
   :meth:`DecoderLM.score_tokens` gives next-token log-probabilities (P("Yes") reranking).
 
@@ -48,14 +48,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from idmr_jax.models import layers as L
+from idmr_jax.models.generation import greedy_loop
 from idmr_jax.models import lora as lora_lib
 from idmr_jax.models.lora import LoRAConfig
-from idmr_jax.models.rotary import apply_rope, positions_from_mask, rope_cos_sin
+from idmr_jax.models.rotary import apply_rope, rope_cos_sin
 from idmr_jax.sharding import constrain
 
 FAMILIES = ("qwen2", "llama")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-_MASK_VALUE = -1e30  # additive mask; finite so fully padded query rows stay NaN-free
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,18 +120,21 @@ class DecoderLMConfig:
 # Building blocks.
 
 
-def attention_bias(attention_mask: jax.Array | None, batch: int, q_len: int, kv_len: int | None = None,
-                   q_offset: Any = 0) -> jax.Array:
-    """Additive ``[B, 1, q_len, kv_len]`` bias: causal (query i sits at key column q_offset + i, which may be
-    traced) and key padding."""
+def attention_keep_mask(attention_mask: jax.Array | None, batch: int, q_len: int, kv_len: int | None = None,
+                        q_offset: Any = None) -> jax.Array | None:
+    """Boolean mask, broadcastable to ``[B, 1, q_len, kv_len]``, of the keys each query may attend to: not padding
+    and, with `q_offset`, causal (query i sits at key column q_offset + i, which may be traced). Without
+    `q_offset` the causal part is left to the attention's ``is_causal``; None means no restriction."""
     kv_len = q_len if kv_len is None else kv_len
-    causal = ((jnp.arange(q_len) + q_offset)[:, None] >= jnp.arange(kv_len)[None, :])[None, None]
-    keep = causal
+    keep = None
+    if q_offset is not None:
+        keep = ((jnp.arange(q_len) + q_offset)[:, None] >= jnp.arange(kv_len)[None, :])[None, None]
     if attention_mask is not None:
         if attention_mask.shape != (batch, kv_len):
             raise ValueError(f"attention_mask must be [batch, length] = {(batch, kv_len)}, got {attention_mask.shape}")
-        keep = keep & (attention_mask[:, None, None, :] > 0)
-    return jnp.where(keep, 0.0, _MASK_VALUE).astype(jnp.float32)
+        padding = attention_mask[:, None, None, :] > 0
+        keep = padding if keep is None else keep & padding
+    return keep
 
 
 class RMSNorm(nnx.Module):
@@ -174,25 +177,30 @@ class Attention(nnx.Module):
         self.v_proj = _dense(cfg, "v_proj", d, (kv, hd), ("embed",), ("kv_heads", "kv"), use_bias=qkv_bias, rngs=rngs)
         self.o_proj = _dense(cfg, "o_proj", (h, hd), d, ("heads", "kv"), ("embed",), use_bias=o_bias, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array, *,
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None, *,
                  deterministic: bool, kv: tuple[jax.Array, jax.Array] | None = None, index: Any = None):
-        """Attention output ``[B, T, D]``; with a KV cache `kv` (``[B, S, KV, Dh]`` keys and values), the new
-        keys/values are written at column `index` and attended to with everything before; returns
-        ``(output, (keys, values))`` then."""
+        """Attention output ``[B, T, D]``; `mask` from :func:`attention_keep_mask` (causal masking is added here
+        without a cache). With a KV cache `kv` (``[B, S, KV, Dh]`` keys and values), the new keys/values are
+        written at column `index` and attended to with everything before; returns ``(output, (keys, values))``
+        then."""
         cfg = self.cfg
-        q = constrain(self.q_proj(x, deterministic=deterministic), _HEADS)
-        k = self.k_proj(x, deterministic=deterministic)
-        v = self.v_proj(x, deterministic=deterministic)
+        # One matmul for q, k, v when they have the same head count, else one for k and v (layers.fused_dense:
+        # the kernels are stacked at compute time, the params and their LoRA adapters stay separate).
+        if cfg.num_heads == cfg.num_kv_heads:
+            q, k, v = L.fused_dense((self.q_proj, self.k_proj, self.v_proj), x, deterministic=deterministic)
+        else:
+            q = self.q_proj(x, deterministic=deterministic)
+            k, v = L.fused_dense((self.k_proj, self.v_proj), x, deterministic=deterministic)
+        q = constrain(q, _HEADS)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
             kv = (k, v)
-        rep = cfg.num_heads // cfg.num_kv_heads
-        if rep > 1:  # head h reads kv head h // rep (transformers' repeat_kv)
-            k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-        k, v = constrain(k, _HEADS), constrain(v, _HEADS)
-        o = L.dot_product_attention(q, k, v, bias=bias, precision=cfg.precision)
+        # Grouped-query attention: head h reads kv head h // (heads // kv_heads), transformers' repeat_kv.
+        kv_axes = ("batch", "length", "kv_heads", "kv")
+        k, v = constrain(k, kv_axes), constrain(v, kv_axes)
+        o = L.dot_product_attention(q, k, v, mask=mask, is_causal=kv is None, precision=cfg.precision)
         out = self.o_proj(constrain(o, _HEADS), deterministic=deterministic)
         return out if kv is None else (out, kv)
 
@@ -222,9 +230,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = norm()
         self.mlp = Mlp(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, bias, *, deterministic: bool, kv=None, index=None):
+    def __call__(self, x, cos, sin, mask, *, deterministic: bool, kv=None, index=None):
         """The new hidden states; with a KV cache (see :class:`Attention`) ``(hidden, (keys, values))``."""
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, bias, deterministic=deterministic, kv=kv,
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, deterministic=deterministic, kv=kv,
                               index=index)
         if kv is not None:
             attn, kv = attn
@@ -254,10 +262,10 @@ class DecoderLM(nnx.Module):
         pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         self.embed_tokens = _Embedding(cfg, rngs=rngs)
         if cfg.scan:
-            # As ViT's Encoder: vmap over split rngs builds `num_layers` independent layers with stacked params;
-            # transform_metadata prepends the "layers" logical axis to their sharding names.
+            # As ViT's Encoder: a scan over split rngs builds `num_layers` independent layers with stacked params
+            # (one layer's init temporaries at a time); transform_metadata prepends the "layers" logical axis.
             @nnx.split_rngs(splits=cfg.num_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_layers,
+            @nnx.scan(in_axes=(0,), out_axes=0, length=cfg.num_layers,
                       transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make(r: nnx.Rngs) -> DecoderLayer:
                 return DecoderLayer(cfg, rngs=r)
@@ -290,23 +298,23 @@ class DecoderLM(nnx.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
         cos, sin = rope_cos_sin(position_ids, cfg.dim_per_head, cfg.rope_theta, x.dtype)
-        bias = attention_bias(attention_mask, b, t)
+        mask = attention_keep_mask(attention_mask, b, t)
         x = constrain(x, _ACT)
 
-        def apply(layer, h, cos, sin, bias):
-            return layer(h, cos, sin, bias, deterministic=deterministic)
+        def apply(layer, h, cos, sin, mask):
+            return layer(h, cos, sin, mask, deterministic=deterministic)
 
         if cfg.remat != "none":
             apply = nnx.remat(apply, policy=_remat_policy(cfg.remat))
         if cfg.scan:
             def body(h, layer):
-                return apply(layer, h, cos, sin, bias), None
+                return apply(layer, h, cos, sin, mask), None
 
             x, _ = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
                             transform_metadata={nnx.PARTITION_NAME: "layers"})(x, self.layers)
         else:
             for layer in self.layers:
-                x = apply(layer, x, cos, sin, bias)
+                x = apply(layer, x, cos, sin, mask)
         return self.norm(x)
 
     def forward_cached(self, inputs_embeds: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
@@ -321,10 +329,10 @@ class DecoderLM(nnx.Module):
         x = constrain(inputs_embeds.astype(jnp.dtype(cfg.dtype)), _ACT)
         b, t = x.shape[:2]
         cos, sin = rope_cos_sin(position_ids, cfg.dim_per_head, cfg.rope_theta, x.dtype)
-        bias = attention_bias(attention_mask, b, t, cache[0].shape[2], q_offset=index)
+        mask = attention_keep_mask(attention_mask, b, t, cache[0].shape[2], q_offset=index)
 
         def apply(layer, h, ck, cv):
-            return layer(h, cos, sin, bias, deterministic=True, kv=(ck, cv), index=index)
+            return layer(h, cos, sin, mask, deterministic=True, kv=(ck, cv), index=index)
 
         if cfg.scan:
             def body(h, layer, ck, cv):
@@ -376,7 +384,7 @@ class DecoderLM(nnx.Module):
         without the prompt).
 
         Prompts are given as `input_ids` or `inputs_embeds` (e.g. LLaVA's merged image+text embeddings), left
-        padded as for transformers' generate; positions follow :func:`positions_from_mask`. After a row emits
+        padded as for transformers' generate; positions follow ``rotary.positions_from_mask``. After a row emits
         `eos_token_id` it is filled with `pad_token_id` (default: the eos id), as transformers pads finished
         rows. One jitted static-shape loop with a KV cache (:meth:`forward_cached`): a prefill over the prompt,
         then one token per step; no early exit, so finished rows cost the same as running ones.
@@ -392,38 +400,7 @@ class DecoderLM(nnx.Module):
         graphdef, state = nnx.split(self)
         # eos / pad are traced (not static): changing them does not recompile.
         eos = jnp.int32(-1 if eos_token_id is None else eos_token_id)
-        return _greedy_loop(graphdef, state, prompt, mask, int(max_new_tokens), eos, jnp.int32(pad or 0))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _greedy_loop(graphdef, state, prompt, mask, n_new: int, eos: jax.Array, pad: jax.Array) -> jax.Array:
-    model = nnx.merge(graphdef, state)
-    b, t, _ = prompt.shape
-    full_mask = jnp.concatenate([mask, jnp.zeros((b, n_new), jnp.int32)], axis=1)
-    prompt_pos = positions_from_mask(mask)
-    # transformers continues from the last prompt column's position, whatever the padding.
-    new_pos = prompt_pos[:, -1:] + 1 + jnp.arange(n_new, dtype=jnp.int32)[None]
-    hidden, cache = model.forward_cached(prompt, full_mask, prompt_pos, model.init_cache(b, t + n_new), 0)
-    first = jnp.argmax(model.logits(hidden[:, -1]).astype(jnp.float32), axis=-1).astype(jnp.int32)
-    done = first == eos
-    tokens = jnp.full((b, n_new), pad, jnp.int32).at[:, 0].set(first)
-
-    def step(k, carry):
-        # Feeds token k (column t + k) and picks token k + 1.
-        tokens, done, full_mask, cache = carry
-        # Fresh Variable objects at this trace level (nnx.scan inside the loop refuses outer-level Variables).
-        m = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
-        full_mask = jax.lax.dynamic_update_slice_in_dim(full_mask, jnp.ones((b, 1), jnp.int32), t + k, axis=1)
-        tok = jax.lax.dynamic_slice_in_dim(tokens, k, 1, axis=1)
-        pos = jax.lax.dynamic_slice_in_dim(new_pos, k, 1, axis=1)
-        hidden, cache = m.forward_cached(m.embed(tok), full_mask, pos, cache, t + k)
-        nxt = jnp.argmax(m.logits(hidden[:, 0]).astype(jnp.float32), axis=-1).astype(jnp.int32)
-        nxt = jnp.where(done, pad, nxt)
-        done = done | (nxt == eos)
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], k + 1, axis=1)
-        return tokens, done, full_mask, cache
-
-    return jax.lax.fori_loop(0, n_new - 1, step, (tokens, done, full_mask, cache))[0]
+        return greedy_loop(graphdef, state, prompt, mask, int(max_new_tokens), eos, jnp.int32(pad or 0))
 
 
 class _Embedding(nnx.Module):

@@ -92,13 +92,15 @@ def _depthwise_shifts(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array
     (pt, pb), (pl, pr) = _same_pads(h, kh, stride), _same_pads(w, kw, stride)
     xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     oh, ow = -(-h // stride), -(-w // stride)
+    # The taps accumulate in float32, as a matmul's products do (a bf16 sum of 25 taps would round 25 times).
+    kernel32 = kernel.astype(jnp.float32)
     out = None
     for i in range(kh):
         for j in range(kw):
             tap = jax.lax.slice(xp, (0, i, j, 0), (b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
-                                (1, stride, stride, 1)) * kernel[i, j, 0]
+                                (1, stride, stride, 1)).astype(jnp.float32) * kernel32[i, j, 0]
             out = tap if out is None else out + tap
-    return out
+    return out.astype(x.dtype)
 
 
 class ConvBN(nnx.Module):

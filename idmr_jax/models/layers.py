@@ -7,6 +7,7 @@ statistics, softmax) run in float32 whatever the compute dtype.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -128,12 +129,47 @@ class Dense(nnx.Module):
         self.lora_merged = False  # set by lora.merge: the delta then lives in `kernel`
 
     def _lora_branch(self, x: jax.Array, contract, deterministic: bool) -> jax.Array:
-        dtype = x.dtype
+        # In the LoRA config's compute dtype (None: the layer's); the result joins the base output in x's dtype.
+        out_dtype = x.dtype
+        dtype = jnp.dtype(self.lora.dtype or x.dtype)
+        x = x.astype(dtype)
         if self.lora_dropout is not None:
             x = self.lora_dropout(x, deterministic=deterministic)
         h = jax.lax.dot_general(x, self.lora_a[...].astype(dtype), (contract, ((), ())), precision=self.precision)
         y = jnp.tensordot(h, self.lora_b[...].astype(dtype), axes=1, precision=self.precision)
-        return y * jnp.asarray(self.lora.scale, dtype)
+        return (y * jnp.asarray(self.lora.scale, dtype)).astype(out_dtype)
+
+
+def fused_dense(denses: Sequence[Dense], x: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, ...]:
+    """``tuple(d(x) for d in denses)`` computed with one matmul: the kernels are stacked at compute time into
+    ``[*in, n, *out]`` (and the biases into ``[n, *out]``), so a fused Q/K/V or K/V projection needs no change of
+    the parameter tree (converters, checkpoints and exports see the separate layers). The stacked axis sits in
+    front of the output axes, so sharded head axes stay sharded. LoRA adapters are added per layer, in order.
+    Layers that differ in input/output shape, dtype, precision or bias fall back to separate calls."""
+    first = denses[0]
+    if __import__("os").environ.get("IDMR_H6_FUSED") == "0" or len(denses) == 1 or any(
+            (d.in_features, d.out_features, d.dtype, d.precision, d.bias is None)
+            != (first.in_features, first.out_features, first.dtype, first.precision, first.bias is None)
+            for d in denses):
+        return tuple(d(x, deterministic=deterministic) for d in denses)
+    n_in = len(first.in_features)
+    if x.shape[-n_in:] != first.in_features:
+        raise ValueError(f"Dense expects trailing dims {first.in_features}, got input {x.shape}")
+    dtype = first.dtype or x.dtype
+    x = x.astype(dtype)
+    kernel = jnp.stack([d.kernel[...].astype(dtype) for d in denses], axis=n_in)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ())), precision=first.precision)
+    if first.bias is not None:
+        y = y + jnp.stack([d.bias[...].astype(dtype) for d in denses])
+    stacked_axis = x.ndim - n_in
+    outs = []
+    for i, d in enumerate(denses):
+        out = jax.lax.index_in_dim(y, i, axis=stacked_axis, keepdims=False)
+        if d.lora is not None and not d.lora_merged:
+            out = out + d._lora_branch(x, contract, deterministic)
+        outs.append(out)
+    return tuple(outs)
 
 
 class LayerNorm(nnx.Module):
@@ -185,6 +221,8 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 # ----------------------------------------------------------------------------------------------
 # Attention.
 
+ATTENTION_IMPLEMENTATIONS = ("explicit", "xla", "cudnn")
+
 
 def dot_product_attention(
     query: jax.Array,
@@ -192,25 +230,115 @@ def dot_product_attention(
     value: jax.Array,
     *,
     bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    is_causal: bool = False,
     scale: float | None = None,
     precision: str | jax.lax.Precision | None = None,
-) -> jax.Array:
+    probs_dropout: Callable[[jax.Array], jax.Array] | None = None,
+    return_probs: bool = False,
+    implementation: str | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Multi-head attention ``softmax(q k^T * scale + bias) v`` on ``[batch, length, heads, head_dim]`` inputs.
 
-    The logits are accumulated and soft-maxed in float32 (bf16 logits lose too much for long sequences);
-    the probabilities are cast back to the value dtype for the second matmul. `bias` is additive and
-    broadcastable to ``[batch, heads, q_length, kv_length]`` (masks go in as large negative values).
-    Returns ``[batch, q_length, heads, head_dim]`` in the value dtype.
+    `key`/`value` may have fewer heads than `query` (grouped-query attention): query head ``n`` reads kv head
+    ``n // (heads // kv_heads)``, as transformers' ``repeat_kv``. The logits are accumulated, biased and
+    soft-maxed in float32 whatever the input dtype (bf16 logits lose the small differences a long sequence or a
+    large bias depends on); the probabilities are cast to the value dtype for the second matmul.
+
+    `bias`: additive float logits bias broadcastable to ``[batch, heads, q_length, kv_length]``, added in float32
+    after the scaling (AdaFocal's ``beta * M_B``). `mask`: boolean, broadcastable likewise, False = excluded
+    whatever the bias. `is_causal`: query ``i`` sees keys ``j <= i``. `scale` defaults to ``head_dim ** -0.5``;
+    a scale of exactly 1.0 is not multiplied in (callers that pre-scale q keep their logits bit for bit).
+    `probs_dropout` (attention dropout while training) is applied to the float32 probabilities; `return_probs`
+    also returns them ``[batch, heads, q_length, kv_length]``.
+
+    `implementation` (None = automatic): "explicit" is written out here and is the only one that can drop out or
+    return probabilities; "xla" and "cudnn" are ``jax.nn.dot_product_attention``'s (same float32 logits and
+    softmax; "cudnn" is the fused flash kernel, bf16/fp16 only). Automatic: "explicit" when dropout or the
+    probabilities are needed or on CPU (where jax's XLA path measured slower in the backward pass, see
+    BENCHMARKS.md "Step speed changes"), "cudnn" on a GPU when :func:`cudnn_attention_supported`, else "xla".
+    Returns ``[batch, q_length, heads, head_dim]`` in the value dtype (and the probabilities with `return_probs`).
     """
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    explicit_needed = return_probs or probs_dropout is not None
+    if implementation is None:
+        implementation = _auto_implementation(query, key, bias, mask, explicit_needed)
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "explicit":
+        out, probs = _explicit_attention(query, key, value, bias, mask, is_causal, scale, to_precision(precision),
+                                         probs_dropout)
+        return (out, probs) if return_probs else out
+    if explicit_needed:
+        raise ValueError(f"the {implementation!r} attention can neither drop out nor return probabilities")
+    bias = None if bias is None else jnp.asarray(bias, jnp.float32)
+    if implementation == "cudnn" and mask is not None:  # cuDNN takes a mask only as a full [.., T, S] bias
+        mask = jnp.asarray(mask)
+        mask = jnp.broadcast_to(mask, (1,) * (4 - mask.ndim) + mask.shape[:-2] + (query.shape[1], key.shape[1]))
     precision = to_precision(precision)
-    if scale is None:
-        scale = query.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, precision=precision,
-                        preferred_element_type=jnp.float32) * scale
+    # jax's XLA path takes no precision argument; its float32 matmuls follow the default precision instead.
+    context = (contextlib.nullcontext() if precision is None
+               else jax.default_matmul_precision(precision.name.lower()))
+    with context:
+        return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
+                                            scale=scale, implementation=implementation)
+
+
+def cudnn_attention_supported(query: jax.Array, key: jax.Array, bias: jax.Array | None,
+                              mask: jax.Array | None) -> bool:
+    """Whether the automatic choice may use cuDNN's fused attention for these inputs: a GPU, bf16/fp16 inputs,
+    head_dim a multiple of 8 and at most 128, no float bias (cuDNN would round it to the input dtype; a float32
+    bias such as AdaFocal's ``beta * M_B`` goes through XLA) and, with a mask (which cuDNN adds as a bias), even
+    sequence lengths (cuDNN's training kernel refuses odd ones)."""
+    if jax.default_backend() != "gpu" or query.dtype not in (jnp.bfloat16, jnp.float16) or key.dtype != query.dtype:
+        return False
+    head_dim = query.shape[-1]
+    if head_dim % 8 or head_dim > 128 or bias is not None:
+        return False
+    return mask is None or (query.shape[1] % 2 == 0 and key.shape[1] % 2 == 0)
+
+
+def _auto_implementation(query, key, bias, mask, explicit_needed: bool) -> str:
+    if explicit_needed or (jax.default_backend() == "cpu" and __import__("os").environ.get("IDMR_H6_ATTN") != "xla"):  # H6 TEMP
+        return "explicit"
+    return "cudnn" if cudnn_attention_supported(query, key, bias, mask) else "xla"
+
+
+def _explicit_attention(query, key, value, bias, mask, is_causal: bool, scale: float, precision, probs_dropout):
+    """The attention written out (see :func:`dot_product_attention`); returns (output, float32 probabilities)."""
+    b, t, heads, _ = query.shape
+    s, kv_heads = key.shape[1], key.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
+    group = heads // kv_heads
+    if group == 1:
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, precision=precision, preferred_element_type=jnp.float32)
+    else:  # grouped-query attention without materialising repeated keys/values
+        grouped = query.reshape(b, t, kv_heads, group, query.shape[-1])
+        logits = jnp.einsum("bqkgd,bskd->bkgqs", grouped, key, precision=precision,
+                            preferred_element_type=jnp.float32).reshape(b, heads, t, s)
+    if scale != 1.0:
+        logits = logits * scale
     if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, value, precision=precision)
+        logits = logits + jnp.asarray(bias, jnp.float32)
+    if is_causal:
+        mask = _causal(t, s) if mask is None else mask & _causal(t, s)
+    if mask is not None:
+        # `where`, not an additive mask: no bias, however large, can re-open an excluded key.
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights = (probs if probs_dropout is None else probs_dropout(probs)).astype(value.dtype)
+    if group == 1:
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, value, precision=precision)
+    else:
+        weights = weights.reshape(b, kv_heads, group, t, s)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", weights, value, precision=precision).reshape(b, t, heads, -1)
+    return out, probs
+
+
+def _causal(q_len: int, kv_len: int) -> jax.Array:
+    """``[1, 1, q_len, kv_len]`` lower-triangular keep mask (query i sees keys j <= i), as jax's ``is_causal``."""
+    return jnp.tril(jnp.ones((q_len, kv_len), bool))[None, None]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ class LlavaConfig:
     pooling / pooling_token_id / normalize: how :meth:`LlavaEmbedder.embed` pools (see
     :mod:`idmr_jax.models.pooling`; ``pooling_token_id`` is the EOS id for "eos" and ``<emb>``'s id for
     "before_token"). ``image_seq_length`` is only carried to transformers' config on export (their processor
-    inserts that many image tokens).
+    inserts that many image tokens). ``projector_dtype`` / ``projector_param_dtype``: the projector's compute and
+    storage dtypes (None: the LM's).
     """
 
     vision: VisionConfig
@@ -64,6 +65,8 @@ class LlavaConfig:
     pooling: str = "last"
     pooling_token_id: int | None = None
     normalize: bool = True
+    projector_dtype: str | None = None
+    projector_param_dtype: str | None = None
 
     def __post_init__(self):
         if self.vision_feature_select_strategy not in STRATEGIES:
@@ -148,7 +151,8 @@ class LlavaEmbedder(nnx.Module):
         self.vision = build_vision_encoder(cfg.vision, rngs=rngs)
         self.projector = Projector(cfg.vision.width * cfg.num_feature_layers, cfg.text.hidden_size,
                                    cfg.projector_hidden_act, cfg.multimodal_projector_bias,
-                                   dtype=jnp.dtype(cfg.text.dtype), param_dtype=jnp.dtype(cfg.text.param_dtype),
+                                   dtype=jnp.dtype(cfg.projector_dtype or cfg.text.dtype),
+                                   param_dtype=jnp.dtype(cfg.projector_param_dtype or cfg.text.param_dtype),
                                    precision=getattr(cfg.text, "precision", None), rngs=rngs)
         self.lm = DecoderLM(cfg.text, rngs=rngs)
 

@@ -5,7 +5,7 @@ A LoRA Dense computes ``y = x W + b + dropout(x) A B * scale`` with ``A`` (``lor
 U(-1/sqrt(fan_in), 1/sqrt(fan_in))) and ``B`` (``lora_b``, shape ``(r,) + out_features``) zero, so a fresh
 adapter leaves the model unchanged. ``scale = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
 The base kernel keeps its ``param_dtype`` (e.g. bfloat16) while the LoRA factors are float32
-(``LoRAConfig.param_dtype``); the LoRA branch runs in the layer's compute dtype.
+(``LoRAConfig.param_dtype``); the LoRA branch runs in ``LoRAConfig.dtype`` (None: the layer's compute dtype).
 
 Which layers get LoRA is decided by the model: :class:`idmr_jax.models.decoder_lm.DecoderLM` passes
 ``cfg.lora`` to the Dense layers whose short names (``q_proj``, ``down_proj``, ...) match
@@ -42,7 +42,8 @@ class LoRAConfig:
 
     rank [r], alpha [lora_alpha], dropout [lora_dropout] on the LoRA branch input, targets [target_modules]:
     regexes matched in full against layer short names, use_rslora: scale alpha/sqrt(r) instead of alpha/r,
-    param_dtype: dtype of the LoRA factors (float32 even when the frozen base is bfloat16).
+    param_dtype: dtype of the LoRA factors (float32 even when the frozen base is bfloat16), dtype: compute dtype of
+    the LoRA branch (None: the layer's; set from ``config.precision``'s ``lora`` part).
     """
 
     rank: int = 8
@@ -51,6 +52,7 @@ class LoRAConfig:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     use_rslora: bool = False
     param_dtype: str = "float32"
+    dtype: str | None = None
 
     def __post_init__(self):
         if int(self.rank) < 1:

@@ -22,6 +22,7 @@ the softmax. Self-attention never sees it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -133,33 +134,35 @@ class Attention(nnx.Module):
         self.attn_dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
 
-    def __call__(self, x: Array, kv: Array, key_mask: Array | None, bias: Array | None, *,
-                 deterministic: bool) -> tuple[Array, Array]:
-        """x: [B, L, D] queries (and residual); kv: [B, S, Dkv]; key_mask: bool, broadcastable to [B, 1, 1, S];
-        bias: additive logits bias broadcastable to [B, H, L, S]. Returns (output [B, L, D], probs [B, H, L, S])."""
+    def __call__(self, x: Array, kv: Array | None, key_mask: Array | None, bias: Array | None, *,
+                 deterministic: bool, return_probs: bool = False) -> tuple[Array, Array | None]:
+        """x: [B, L, D] queries (and residual); kv: [B, S, Dkv], or None for self-attention (keys/values from x);
+        key_mask: bool, broadcastable to [B, 1, 1, S]; bias: additive logits bias broadcastable to [B, H, L, S].
+        Returns (output [B, L, D], probs [B, H, L, S] with `return_probs`, else None)."""
         heads_axes = ("batch", "length", "heads", "kv")
-        q = constrain(self.query(x), heads_axes)
-        k = constrain(self.key(kv), heads_axes)
-        v = constrain(self.value(kv), heads_axes)
+        # One matmul for q, k, v (self-attention) or for k, v (cross-attention): the kernels are stacked at
+        # compute time, the parameters stay separate (converters and checkpoints are unchanged).
+        if kv is None:
+            q, k, v = L.fused_dense((self.query, self.key, self.value), x)
+        else:
+            q = self.query(x)
+            k, v = L.fused_dense((self.key, self.value), kv)
+        q, k, v = (constrain(t, heads_axes) for t in (q, k, v))
 
-        # Logits and softmax in float32 whatever the compute dtype: the bias (AdaFocal's beta * M_B) can be large,
-        # and bf16 logits lose the small differences between image tokens.
+        # Logits and softmax in float32 whatever the compute dtype (layers.dot_product_attention): the bias
+        # (AdaFocal's beta * M_B) can be large, and bf16 logits lose the small differences between image tokens.
         # The 1/sqrt(d) scaling is applied to q (exact for BERT's head_dim 64): a product left next to the
         # softmax's subtraction gets contracted into an FMA by XLA only when no bias sits in between, so a zero
-        # bias would not reproduce the unbiased output bit for bit.
+        # bias would not reproduce the unbiased output bit for bit. The key mask is applied with `where` after the
+        # bias (same as HF's (1 - mask) * finfo.min for every visible key), so no bias can re-open a padded key.
         q = q * jnp.asarray(1.0 / math.sqrt(self.cfg.head_dim), q.dtype)
-        logits = jnp.einsum("blhd,bshd->bhls", q, k, precision=L.to_precision(self.cfg.precision),
-                            preferred_element_type=jnp.float32)
-        if bias is not None:
-            logits = logits + jnp.asarray(bias, jnp.float32)
-        if key_mask is not None:
-            # Same as adding (1 - mask) * finfo.min after the scaling (HF) for every visible key; applied with
-            # `where` so that no bias, however large, can re-open a padded key.
-            logits = jnp.where(key_mask, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1)
-
-        dropped = self.attn_dropout(probs, deterministic=deterministic)
-        ctx = jnp.einsum("bhls,bshd->blhd", dropped.astype(v.dtype), v, precision=L.to_precision(self.cfg.precision))
+        # Attention dropout (training) needs the explicit softmax; without it jax.nn.dot_product_attention runs.
+        dropout = None
+        if not deterministic and self.cfg.attention_dropout > 0:
+            dropout = functools.partial(self.attn_dropout, deterministic=False)
+        attn = L.dot_product_attention(q, k, v, bias=bias, mask=key_mask, scale=1.0, precision=self.cfg.precision,
+                                       probs_dropout=dropout, return_probs=return_probs)
+        ctx, probs = attn if return_probs else (attn, None)
         h = self.dropout(self.out(constrain(ctx, heads_axes)), deterministic=deterministic)
         out = self.norm(h + x)
         return constrain(out, ("batch", "length", "embed")), probs
@@ -199,8 +202,11 @@ class QFormerLayer(nnx.Module):
         self.ffn_query = FeedForward(cfg, rngs=rngs)
 
     def __call__(self, x: Array, image_embeds: Array | None, key_mask: Array | None,
-                 attention_bias: Array | None, query_length: int, deterministic: bool):
-        h, self_probs = self.attention(x, x, key_mask, None, deterministic=deterministic)
+                 attention_bias: Array | None, query_length: int, deterministic: bool,
+                 return_self_probs: bool = False, return_cross_probs: bool = False):
+        """(hidden [B, L, D], self-attention probs or None, cross-attention probs or None)."""
+        h, self_probs = self.attention(x, None, key_mask, None, deterministic=deterministic,
+                                       return_probs=return_self_probs)
         cross_probs = None
         if query_length == 0:  # text-only: a plain BERT layer
             return self.ffn(h, deterministic=deterministic), self_probs, cross_probs
@@ -208,7 +214,7 @@ class QFormerLayer(nnx.Module):
         if self.has_cross_attention:
             # The image tokens are never padded (the reference passes an all-ones image mask).
             hq, cross_probs = self.crossattention(hq, image_embeds, None, attention_bias,
-                                                  deterministic=deterministic)
+                                                  deterministic=deterministic, return_probs=return_cross_probs)
         out = self.ffn_query(hq, deterministic=deterministic)
         if h.shape[1] > query_length:
             text = self.ffn(h[:, query_length:], deterministic=deterministic)
@@ -300,7 +306,8 @@ class QFormer(nnx.Module):
             key_mask = text_mask[:, None, None, :]
 
         def run(layer, h):
-            return layer(h, image_embeds, key_mask, attention_bias, query_length, deterministic)
+            return layer(h, image_embeds, key_mask, attention_bias, query_length, deterministic,
+                         return_self_attentions, return_cross_attentions)
 
         if cfg.remat:
             run = nnx.remat(run)
@@ -309,7 +316,7 @@ class QFormer(nnx.Module):
         for layer in self.layers:
             x, sp, cp = run(layer, x)
             self_probs.append(sp)
-            if cp is not None:
+            if layer.has_cross_attention and query_length:
                 cross_probs.append(cp)
         return QFormerOutput(
             last_hidden_state=x,

@@ -222,8 +222,8 @@ class SelfAttention(nnx.Module):
         if self.cfg.style == "eva":
             qkv = self.qkv(x)  # [B, L, 3, H, Dh]
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        else:
-            q, k, v = self.query(x), self.key(x), self.value(x)
+        else:  # one matmul for the three projections; the params stay separate (see layers.fused_dense)
+            q, k, v = L.fused_dense((self.query, self.key, self.value), x)
         head_axes = ("batch", "length", "heads", "kv")
         q, k, v = (constrain(t, head_axes) for t in (q, k, v))
         o = L.dot_product_attention(q, k, v, bias=bias, precision=self.cfg.precision)
@@ -276,10 +276,12 @@ class Encoder(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         if cfg.scan:
-            # vmap over split rngs creates `depth` independent blocks as one module with stacked params;
-            # transform_metadata prepends the "layers" logical axis to every param's sharding names.
+            # A scan over split rngs creates `depth` independent blocks as one module with stacked params (the
+            # values vmap would give, to rounding); transform_metadata prepends the "layers" logical axis to every
+            # param's sharding names. A scan, not a vmap: the random init's temporaries then exist for one block
+            # at a time (EVA ViT-g on 8 CPU devices: 0.3 instead of 2.5 GB per device).
             @nnx.split_rngs(splits=cfg.depth)
-            @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.depth,
+            @nnx.scan(in_axes=(0,), out_axes=0, length=cfg.depth,
                       transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make(r: nnx.Rngs) -> Block:
                 return Block(cfg, rngs=r)

@@ -4,7 +4,7 @@ The registry below maps a task name to its folder. Every task folder follows one
 is one new folder and one line in `TASKS`:
 
     idmr_jax/tasks/<name>/task.py   TASK (the class implementing ``idmr_jax.train.trainer.Task``), MODEL_KIND
-                                    (``idmr_jax.weights.io.MODEL_KINDS``), model_config(config.model)
+                                    (``idmr_jax.weights.io.MODEL_KINDS``), model_config(config)
     idmr_jax/tasks/<name>/demo.py   prepare(config) -> (train_dir, val_dir): builds the laptop demo's data
 """
 
@@ -48,7 +48,7 @@ def model_config_of(config: ml_collections.ConfigDict) -> tuple[str, Any]:
     Only the model config is built (no task, data or tokenizer): this is what export rebuilds a trained model from.
     """
     module = task_module(config)
-    return module.MODEL_KIND, module.model_config(config.model)
+    return module.MODEL_KIND, module.model_config(config)
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -69,12 +69,10 @@ def prepare_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 
 def print_results(config: ml_collections.ConfigDict, results: dict) -> None:
-    """A plain results table on stdout (process 0 only)."""
+    """The results table on stdout: a row per subset, a column per metric (process 0 only)."""
     import jax
 
-    if jax.process_index() != 0:
-        return
-    width = max(len(k) for k in results)
-    print(f"\n{config.task} results")
-    for k, v in sorted(results.items()):
-        print(f"  {k:<{width}}  {v:7.2f}")
+    from idmr_jax.train.metric_writer import results_table
+
+    if jax.process_index() == 0:
+        print("\n" + results_table(results, f"{config.task} results"))

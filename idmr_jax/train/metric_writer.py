@@ -62,6 +62,32 @@ def _route_event_files(workdir: epath.Path) -> None:
         record_writer.register_writer_factory(os.fspath(workdir).split("://", 1)[0], _EventFileFactory())
 
 
+def _metric_order(name: str) -> tuple:
+    """R@k before R_ID@k, each by k; anything else after, by name."""
+    family, _, k = name.partition("@")
+    return (0, family, int(k)) if k.isdigit() else (1, name, 0)
+
+
+def results_table(results: dict[str, float], title: str = "results") -> str:
+    """Evaluation metrics as a text table: one row per subset (``"<subset>/<metric>"`` keys; plain keys form a row
+    of their own), one column per metric, ``avg`` on the title line."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in results.items():
+        if key == "avg":
+            continue
+        subset, _, metric = key.rpartition("/")
+        rows.setdefault(subset, {})[metric] = float(value)
+    columns = sorted({m for row in rows.values() for m in row}, key=_metric_order)
+    first = max([len("subset"), *(len(r) for r in rows)])
+    widths = [max(len(c), 6) for c in columns]
+    head = title + (f"  (avg {float(results['avg']):.2f})" if "avg" in results else "")
+    lines = [head, "  ".join(["subset".ljust(first), *(c.rjust(w) for c, w in zip(columns, widths))])]
+    for subset, row in sorted(rows.items()):
+        cells = [f"{row[c]:.2f}".rjust(w) if c in row else "-".rjust(w) for c, w in zip(columns, widths)]
+        lines.append("  ".join([(subset or "all").ljust(first), *cells]))
+    return "\n".join(lines)
+
+
 class MetricWriter:
     """Writes ``WORKDIR/metrics.jsonl`` and TensorBoard summaries under ``WORKDIR/tensorboard``."""
 

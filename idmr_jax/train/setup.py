@@ -36,11 +36,12 @@ class Setup:
     schedules: dict[str, optax.Schedule]  # learning-rate schedules by param group, for the step's metrics
 
 
-def setup_state(task, *, total_steps: int, mesh: Mesh | None = None) -> Setup:
+def setup_state(task, *, total_steps: int, mesh: Mesh | None = None, abstract: bool = False) -> Setup:
     """The sharded train state of `task` (freshly initialised) and its optimiser over `total_steps`.
 
     `task`: anything with ``config``, ``build_model()`` and ``frozen_patterns`` (see ``trainer.Task``).
-    `mesh`: defaults to ``config.sharding.mesh`` over all devices.
+    `mesh`: defaults to ``config.sharding.mesh`` over all devices. `abstract`: the state as sharded
+    ``jax.ShapeDtypeStruct`` only, nothing allocated (see ``create_train_state``).
     """
     config = task.config
     mesh = mesh if mesh is not None else shd.mesh_from_config(config)
@@ -50,7 +51,7 @@ def setup_state(task, *, total_steps: int, mesh: Mesh | None = None) -> Setup:
         optimizer, schedules = optim.make_optimizer(config.optim, abstract_trainable, total_steps)
         rng = jax.random.key_data(jax.random.key(config.seed))
         graphdef, state, state_shardings = create_train_state(
-            task.build_model, task.frozen_patterns, lambda _: optimizer, rng, mesh, rules)
+            task.build_model, task.frozen_patterns, lambda _: optimizer, rng, mesh, rules, abstract=abstract)
     return Setup(mesh=mesh, rules=rules, graphdef=graphdef, state=state, state_shardings=state_shardings,
                  optimizer=optimizer, schedules=schedules)
 
@@ -62,10 +63,4 @@ def abstract_model_state(task, mesh: Mesh, rules) -> tuple[nnx.GraphDef, dict[st
     with shd.axis_rules(mesh, rules):
         graphdef, params, frozen = split_model(nnx.eval_shape(task.build_model), task.frozen_patterns)
     target = {"params": params, "frozen": frozen}  # the TrainState fields that make the model
-    leaves, treedef = jax.tree.flatten(target)
-    shardings = jax.tree.leaves(shd.state_shardings(target, mesh, rules))
-    if len(leaves) != len(shardings):  # one array per variable; anything else means the tree changed shape
-        raise ValueError(f"{len(leaves)} arrays but {len(shardings)} variables in the model state")
-    abstract = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-                                            for x, s in zip(leaves, shardings)])
-    return graphdef, abstract
+    return graphdef, shd.abstract_arrays(target, mesh, rules)

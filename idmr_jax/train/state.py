@@ -54,10 +54,13 @@ def split_model(model: nnx.Module, frozen_patterns: Sequence[str]):
 
 def create_train_state(build_model: Callable[[], nnx.Module], frozen_patterns: Sequence[str],
                        make_optimizer: Callable[[nnx.State], optax.GradientTransformation],
-                       rng: jax.Array, mesh: Mesh, rules) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+                       rng: jax.Array, mesh: Mesh, rules, *, abstract: bool = False
+                       ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
     """Creates the train state directly in its sharded layout (eval_shape, then jit with out_shardings).
 
-    Returns (graphdef, state, state_shardings). A full-size model never materialises on one device.
+    Returns (graphdef, state, state_shardings). A full-size model never materialises on one device. With
+    `abstract`, nothing is allocated: the state's arrays are ``jax.ShapeDtypeStruct`` with their shardings (to
+    compile a step, and read its memory needs, before or instead of running it).
     """
 
     def init() -> TrainState:
@@ -66,9 +69,9 @@ def create_train_state(build_model: Callable[[], nnx.Module], frozen_patterns: S
         opt_state = make_optimizer(params).init(params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=opt_state, rng=rng)
 
-    abstract = jax.eval_shape(init)
-    shardings = shd.state_shardings(abstract, mesh, rules)
-    state = jax.jit(init, out_shardings=shardings)()
+    shapes = jax.eval_shape(init)
+    shardings = shd.state_shardings(shapes, mesh, rules)
+    state = shd.abstract_arrays(shapes, mesh, rules) if abstract else jax.jit(init, out_shardings=shardings)()
     graphdef, _, _ = split_model(nnx.eval_shape(build_model), frozen_patterns)
     return graphdef, state, shardings
 

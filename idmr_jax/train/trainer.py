@@ -50,6 +50,8 @@ class Task(Protocol):
         """`state` with the initial weights written in; `state` itself (the same object) when it loads none."""
 
     def bind_mesh(self, mesh) -> Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]: ...
+    # Optional: ``prepare_training(model)``, called once before the first step with the weights the run trains from
+    # (loaded or restored), e.g. to compute inputs that depend only on frozen weights (OACIR's token cache).
     def train_iterator(self) -> Any: ...
     def evaluate(self, model: nnx.Module, workdir: epath.Path, step: int) -> dict: ...
 
@@ -118,6 +120,9 @@ def _train_and_evaluate(task: Task, workdir: epath.Path) -> dict:
             resume.check_fresh_start(workdir, resume_mode, before_restore=False)
             state = task.load_pretrained(state, mesh)
             start = 0
+        prepare = getattr(task, "prepare_training", None)
+        if prepare is not None:  # e.g. the frozen-encoder token pass; the model's arrays are not kept (donated below)
+            prepare(nnx.merge(graphdef, state.params, state.frozen))
 
         batch_sh = None
         train_step = None

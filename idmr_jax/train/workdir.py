@@ -18,6 +18,8 @@ from __future__ import annotations
 import ml_collections
 from etils import epath
 
+from idmr_jax import precision
+
 CHECKPOINTS_DIR = "checkpoints"
 STATE_ITEM = "state"
 CONFIG_ITEM = "config"
@@ -90,4 +92,5 @@ def read_config(step_dir) -> ml_collections.ConfigDict:
     if not (step_dir / CONFIG_ITEM).is_dir():
         raise FileNotFoundError(f"{step_dir}: no {CONFIG_ITEM}/ item (not written by idmr_jax.main?)")
     data = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / CONFIG_ITEM)
-    return ml_collections.ConfigDict(data)
+    # Configs saved before config.precision carry per-module dtypes: map them to the policy they meant.
+    return precision.upgrade_legacy_config(ml_collections.ConfigDict(data))

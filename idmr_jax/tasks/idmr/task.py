@@ -21,12 +21,13 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from idmr_jax import precision
 from idmr_jax.losses import gradcache
 from idmr_jax.losses.contrastive import BATCH_AXES, global_infonce
 from idmr_jax.models import lora as lora_lib
 from idmr_jax.models import pooling
 from idmr_jax.models.decoder_lm import DecoderLMConfig
-from idmr_jax.models.efficientnet import EfficientNetEncoderConfig
+from idmr_jax.models.efficientnet import EfficientNetEncoderConfig, EfficientNetLiteConfig
 from idmr_jax.models.llava import LlavaConfig, LlavaEmbedder, splice_image_features
 from idmr_jax.models.vision import vision_grid
 from idmr_jax.models.vit import vit_config
@@ -36,49 +37,78 @@ from idmr_jax.train.state import frozen_filter
 BATCH_KEYS = ("query", "cand", "hn")
 
 
-def lora_config(m: ml_collections.ConfigDict) -> lora_lib.LoRAConfig | None:
-    """``config.model.lora`` as a LoRAConfig; None when absent or rank 0 (full tuning)."""
-    lc = m.get("lora")
-    if not lc or not lc.rank:
+def uses_lora(m: ml_collections.ConfigDict) -> bool:
+    """Whether ``config.model`` trains LoRA adapters (a ``lora`` entry with rank > 0) rather than the LM in full."""
+    return bool(m.get("lora") and m.lora.rank)
+
+
+def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoRAConfig | None:
+    """``config.model.lora`` as a LoRAConfig (its branch in the ``lora`` part's compute dtype, its factors float32:
+    they train); None when absent or rank 0 (full tuning)."""
+    if not uses_lora(config.model):
         return None
-    return lora_lib.LoRAConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, targets=tuple(lc.targets))
+    lc = config.model.lora
+    return lora_lib.LoRAConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, targets=tuple(lc.targets),
+                               dtype=_name(precision.compute_dtype(config, "lora")),
+                               param_dtype=_name(precision.param_dtype(config, "lora", frozen=False)))
 
 
-def model_config(m: ml_collections.ConfigDict) -> LlavaConfig:
-    """LlavaConfig from ``config.model``: the sizes of ``init.path``'s config.json when a transformers LLaVA
-    checkpoint is given (``init.format == "hf_llava"``), else the sizes in the config."""
+def _name(dtype) -> str:
+    return precision.dtype_name(dtype)
+
+
+def _part_dtypes(config: ml_collections.ConfigDict) -> dict[str, dict[str, str]]:
+    """{part: {"dtype", "param_dtype"}} under ``config.precision``; a part is frozen as `frozen_patterns` says."""
+    m = config.model
+    lora = uses_lora(m)
+    frozen = {"vision": lora or m.freeze_vision, "projector": not m.train_projector, "text": lora}
+    return {part: dict(dtype=_name(precision.compute_dtype(config, part)),
+                       param_dtype=_name(precision.param_dtype(config, part, frozen=is_frozen)))
+            for part, is_frozen in frozen.items()}
+
+
+def model_config(config: ml_collections.ConfigDict) -> LlavaConfig:
+    """LlavaConfig from ``config.model`` and ``config.precision`` (:mod:`idmr_jax.precision`): the sizes of
+    ``init.path``'s config.json when a transformers LLaVA checkpoint is given (``init.format == "hf_llava"``), else
+    the sizes in the config."""
+    if "model" not in config:
+        raise TypeError("model_config takes the whole config (config.precision sets the dtypes), not config.model")
+    m = config.model
     v, t = m.vision, m.text
-    lora = lora_config(m)
+    lora = lora_config(config)
+    dt = _part_dtypes(config)
+    projector = dict(projector_dtype=dt["projector"]["dtype"], projector_param_dtype=dt["projector"]["param_dtype"])
     if m.init.format == "hf_llava" and m.init.path:
         import dataclasses
 
         from idmr_jax.weights import llava, torch_io
 
         cfg = llava.llava_config_from_hf(torch_io.read_hf_config(m.init.path))
-        text = dataclasses.replace(cfg.text, dtype=t.dtype, param_dtype=t.param_dtype, remat=t.remat, scan=t.scan,
-                                   lora=lora)
-        vision = dataclasses.replace(cfg.vision, dtype=v.dtype)
+        text = dataclasses.replace(cfg.text, remat=t.remat, scan=t.scan, lora=lora, **dt["text"])
+        vision = dataclasses.replace(cfg.vision, **dt["vision"])
         return dataclasses.replace(cfg, vision=vision, text=text, pooling=m.pooling,
-                                   pooling_token_id=m.get("pooling_token_id"))
+                                   pooling_token_id=m.get("pooling_token_id"), **projector)
     if v.kind == "efficientnet":
-        vision, layer = EfficientNetEncoderConfig(feature_stride=v.feature_stride), None
+        vision = EfficientNetEncoderConfig(backbone=EfficientNetLiteConfig(**dt["vision"]),
+                                           feature_stride=v.feature_stride)
+        layer = None
     else:
-        vision = vit_config(v.variant, image_size=v.image_size, dtype=v.dtype, remat=v.remat, scan=v.scan)
+        vision = vit_config(v.variant, image_size=v.image_size, remat=v.remat, scan=v.scan, **dt["vision"])
         layer = m.vision_feature_layer
     text = DecoderLMConfig(
         family=t.family, vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
         num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, rope_theta=t.rope_theta,
         rms_norm_eps=t.rms_norm_eps, max_position_embeddings=t.max_position_embeddings,
-        tie_word_embeddings=t.tie_word_embeddings, dtype=t.dtype, param_dtype=t.param_dtype, remat=t.remat,
-        scan=t.scan, lora=lora, initializer_range=t.initializer_range)
+        tie_word_embeddings=t.tie_word_embeddings, remat=t.remat, scan=t.scan, lora=lora,
+        initializer_range=t.initializer_range, **dt["text"])
     return LlavaConfig(vision=vision, text=text, image_token_id=m.image_token_id, vision_feature_layer=layer,
                        vision_feature_select_strategy="default", projector_hidden_act="gelu",
-                       pooling=m.pooling, pooling_token_id=m.get("pooling_token_id"), normalize=True)
+                       pooling=m.pooling, pooling_token_id=m.get("pooling_token_id"), normalize=True, **projector)
 
 
 def frozen_patterns(m: ml_collections.ConfigDict) -> tuple[str, ...]:
     """LoRA: everything but the adapters (and the projector if ``train_projector``). Else the vision tower."""
-    if lora_config(m) is not None:
+    if uses_lora(m):
         return lora_lib.frozen_patterns(extra_trainable=[r"^projector/"] if m.train_projector else [])
     frozen = [r"^vision/"] if m.freeze_vision else []
     if not m.train_projector:
@@ -126,8 +156,8 @@ class IdmrTask:
 
     @functools.cached_property
     def model_config(self) -> LlavaConfig:
-        """`model_config` of ``config.model``, on first use (``hf_llava`` reads the checkpoint's config.json)."""
-        return model_config(self.config.model)
+        """`model_config` of the config, on first use (``hf_llava`` reads the checkpoint's config.json)."""
+        return model_config(self.config)
 
     @functools.cached_property
     def image_tokens(self) -> int:
@@ -199,13 +229,14 @@ class IdmrTask:
                                                   trainable=self._trainable())
             else:
                 out = _encode(model, x, keys[prefix])
-            return out.astype(jnp.float32).reshape(*lead, -1)
+            # In the LM's compute dtype: under bf16 the loss gathers bf16 features (its logits are float32).
+            return out.reshape(*lead, -1)
 
         query, cand = encode("query"), encode("cand")
         hn = encode("hn") if "hn_ids" in batch else None
         loss = global_infonce(query, cand, lc.temperature, mesh=mesh, hard_negatives=hn, direction=lc.direction,
                               label_smoothing=lc.label_smoothing, chunked=lc.chunked)
-        pos = jnp.sum(query * cand, axis=-1).mean()
+        pos = jnp.sum(query.astype(jnp.float32) * cand.astype(jnp.float32), axis=-1).mean()
         return loss, {"temperature": jnp.float32(lc.temperature), "pos_cosine": pos}
 
     def bind_mesh(self, mesh):

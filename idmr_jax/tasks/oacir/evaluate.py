@@ -12,8 +12,6 @@ same numbers.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable
 
 import jax
@@ -23,53 +21,57 @@ from absl import logging
 
 from idmr_jax import sharding as shd
 from idmr_jax.data import text
-from idmr_jax.data.boxes import box_to_patch_mask
-from idmr_jax.data.grain_io import list_shards
 from idmr_jax.evaluation import outputs
 from idmr_jax.evaluation.blocks import BlockEncoder
 from idmr_jax.evaluation.ranking import rank_gallery
-from idmr_jax.tasks.oacir import eval_shards, metrics, pipeline, visualize
+from idmr_jax.tasks.oacir import eval_shards, frozen_tokens, metrics, pipeline, visualize
 
 
 class FeatureEncoder(BlockEncoder):
     """AdaFocal's encoders over padded, batch-sharded blocks (see `BlockEncoder`).
 
-    The frozen vision tower is a separate program (`vision`), so its tokens can be cached and reused: the
-    reference images of OACIRR queries are gallery images, whose tokens the gallery pass already computed.
+    The frozen vision encoder is a program of its own (`vision`: its tokens before ``ln_vision``), so its tokens
+    are computed once per image and reused (`idmr_jax.tasks.oacir.frozen_tokens`): the reference images of
+    OACIRR queries are gallery images, and training on cached tokens reads the same program's numbers.
     """
 
     def __init__(self, model, batch_size: int, mesh=None, rules=shd.DEFAULT_RULES):
         super().__init__(model, batch_size, mesh, rules)
-        self._vision = self.program(lambda m, pixels: m.encode_image(pixels))
-        self._targets = self.program(lambda m, embeds: m.target_features(embeds))
-        self._queries = self.program(lambda m, embeds, ids, mask, box: m.query_features(embeds, ids, mask, box))
+        self._vision = self.program(lambda m, pixels: m.vision_tokens(pixels))
+        self._targets = self.program(lambda m, tokens: m.target_features(m.embed_tokens(tokens)))
+        self._queries = self.program(
+            lambda m, tokens, ids, mask, box: m.query_features(m.embed_tokens(tokens), ids, mask, box))
 
     def vision(self, pixels: np.ndarray) -> np.ndarray:
-        """Vision tokens [N, Nimg, Dv] of a block of <= batch_size images."""
+        """Frozen-encoder tokens [N, Nimg, Dv] (before ``ln_vision``) of a block of <= batch_size images."""
         return self.run(self._vision, {"pixels": pixels})
 
+    def targets_from_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """[N, Q, E] float32 target features from frozen-encoder tokens (any number of rows)."""
+        return self.run_arrays(self._targets, {"tokens": tokens})
+
     def vision_and_targets(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(vision tokens [N, Nimg, Dv], target features [N, Q, E]) for a block of <= batch_size images."""
+        """(frozen-encoder tokens [N, Nimg, Dv], target features [N, Q, E]) for <= batch_size images."""
         valid, b = self.pad({"pixels": pixels})
-        embeds = self._vision(self.state, **b)
-        feats = self._targets(self.state, embeds=embeds)
-        return np.asarray(embeds)[:valid], np.asarray(feats)[:valid]
+        tokens = self._vision(self.state, **b)
+        feats = self._targets(self.state, tokens=tokens)
+        return np.asarray(tokens)[:valid], np.asarray(feats)[:valid]
 
     def targets(self, pixels: np.ndarray) -> np.ndarray:
         """[N, Q, E] float32 target features for [N, H, W, 3] pixels."""
         return np.concatenate([self.vision_and_targets(pixels[rows.start:rows.stop])[1]
                                for rows in self.row_blocks(len(pixels))])
 
-    def queries_from_embeds(self, embeds, input_ids, attention_mask, box_mask) -> tuple[np.ndarray, np.ndarray]:
-        """([N, E] query features, [N, 1|Q] beta) from reference vision tokens (<= batch_size rows)."""
-        return self.run(self._queries, dict(embeds=embeds, ids=input_ids, mask=attention_mask, box=box_mask))
+    def queries_from_tokens(self, tokens, input_ids, attention_mask, box_mask) -> tuple[np.ndarray, np.ndarray]:
+        """([N, E] query features, [N, 1|Q] beta) from reference frozen-encoder tokens (<= batch_size rows)."""
+        return self.run(self._queries, dict(tokens=tokens, ids=input_ids, mask=attention_mask, box=box_mask))
 
     def queries(self, pixels, input_ids, attention_mask, box_mask) -> tuple[np.ndarray, np.ndarray]:
         """([N, E] query features, [N, 1|Q] beta) from reference pixels."""
         qs, betas = [], []
         for rows in self.row_blocks(len(pixels)):
             sl = slice(rows.start, rows.stop)
-            q, beta = self.queries_from_embeds(self.vision(pixels[sl]), input_ids[sl], attention_mask[sl],
+            q, beta = self.queries_from_tokens(self.vision(pixels[sl]), input_ids[sl], attention_mask[sl],
                                                box_mask[sl])
             qs.append(q)
             betas.append(beta)
@@ -114,61 +116,39 @@ def evaluate_fake(model, spec, config: ml_collections.ConfigDict, workdir) -> di
     return write_outputs(workdir, {"fake": m}, records)
 
 
-def gallery_pass(enc: FeatureEncoder, paths: list[str], n: int, spec, num_workers: int, cache_dir: str):
-    """(vision tokens [n, ...] memory-mapped in `cache_dir`, target features [n, Q, E]) of the gallery shards.
+def folder_tokens(enc: FeatureEncoder, folder: str, config, spec) -> frozen_tokens.FolderTokens:
+    """A val folder's frozen-encoder tokens with the evaluation's boxes (``config.eval.box_perturbation``)."""
+    d = config.data
+    return frozen_tokens.encode_folder(enc, folder, spec, roi_crop=d.roi_crop,
+                                       box_mode=pipeline.BOX_PERTURBATIONS[config.eval.box_perturbation],
+                                       seed=config.seed, num_workers=d.num_workers)
 
-    The tokens go to local scratch disk (reused by the queries; the workdir may be an object store), the target
-    features stay in memory.
+
+def evaluate_folder(enc: FeatureEncoder, folder: str, config, spec, workdir,
+                    tokens: frozen_tokens.FolderTokens | None = None) -> dict[str, tuple]:
+    """Metrics and ranking records per subset found in one converted val folder.
+
+    `tokens`: the folder's frozen-encoder tokens if already computed (training on cached tokens computes them
+    before the first step, from the same program); else they are computed here and removed when done.
     """
-    tokens = feats = None
-    row = 0
-    for pixels in eval_shards.gallery_pixel_batches(paths, spec, enc.batch_size, num_workers):
-        embeds, tf = enc.vision_and_targets(np.asarray(pixels))
-        if tokens is None:
-            tokens = np.lib.format.open_memmap(os.path.join(cache_dir, "vision.npy"), mode="w+", dtype=np.float32,
-                                               shape=(n, *embeds.shape[1:]))
-            feats = np.zeros((n, *tf.shape[1:]), np.float32)
-        tokens[row:row + len(embeds)] = embeds
-        feats[row:row + len(tf)] = tf
-        row += len(tf)
-    assert row == n, (row, n)
-    return tokens, feats
-
-
-def evaluate_folder(enc: FeatureEncoder, folder: str, config, spec, workdir) -> dict[str, tuple]:
-    """Metrics and ranking records per subset found in one converted val folder."""
     d, e = config.data, config.eval
-    gallery_paths = list_shards(folder, pipeline.GALLERY_GLOB)
-    gallery = eval_shards.read_gallery(gallery_paths)
-    queries = eval_shards.read_queries(list_shards(folder, pipeline.QUERY_GLOB))
+    owned = tokens is None
+    if owned:
+        tokens = folder_tokens(enc, folder, config, spec)
+    gallery, queries = tokens.gallery, tokens.queries
     n = len(gallery)
-    cache_dir = tempfile.TemporaryDirectory(prefix="idmr_eval_tokens_")  # $TMPDIR; removed when done
-    tokens_cache, feats = gallery_pass(enc, gallery_paths, n, spec, d.num_workers, cache_dir.name)
-
+    feats = enc.targets_from_tokens(tokens.gallery_tokens)
     tokenizer = text.Tokenizer(d.tokenizer, d.max_text_len)
-    mode = pipeline.BOX_PERTURBATIONS[e.box_perturbation]
     gallery_subset = np.array([g.subset for g in gallery])
     results = {}
     for subset, idx in eval_shards.queries_by_subset(queries).items():
         qrecs = [queries[i] for i in idx]
         q_feats, betas = [], []
-        for start in range(0, len(qrecs), enc.batch_size):
-            block = qrecs[start:start + enc.batch_size]
-            ids, att = tokenizer([pipeline.query_text(r, text_entity=d.text_entity) for r in block])
-            masks, embeds = [], []
-            for r in block:
-                key = r.reference_gallery_index
-                cached = 0 <= key < n and gallery[key].name == r.reference_name
-                if cached and not d.roi_crop:
-                    embeds.append(tokens_cache[key])
-                    box = eval_shards.reference_box(r, spec, mode, config.seed)
-                    masks.append(box_to_patch_mask(box, spec.grid, (spec.size, spec.size), patch=spec.patch))
-                else:  # not in the gallery, or the ROI baseline (which sees a different image): encode it
-                    pixels, mask, _ = pipeline.reference_inputs(r, spec, roi_crop=d.roi_crop, box_mode=mode,
-                                                                seed=config.seed)
-                    embeds.append(enc.vision(pixels[None])[0])
-                    masks.append(mask)
-            qf, beta = enc.queries_from_embeds(np.stack(embeds), ids, att, np.stack(masks))
+        for start in range(0, len(idx), enc.batch_size):
+            block = idx[start:start + enc.batch_size]
+            ids, att = tokenizer([pipeline.query_text(queries[i], text_entity=d.text_entity) for i in block])
+            qf, beta = enc.queries_from_tokens(tokens.tokens[tokens.ref_rows[block]], ids, att,
+                                               tokens.box_masks[block])
             q_feats.append(qf)
             betas.append(beta)
         q_feats = np.concatenate(q_feats)
@@ -186,14 +166,15 @@ def evaluate_folder(enc: FeatureEncoder, folder: str, config, spec, workdir) -> 
             visualize.write_grid(outputs.eval_dir(workdir) / f"{subset}_results.png", qrecs[:e.grid_queries],
                                  [[in_subset[j] for j in row[:6]] for row in rankings[:e.grid_queries]], gallery,
                                  spec)
-    del tokens_cache
-    cache_dir.cleanup()
+    if owned:
+        tokens.close()
     return results
 
 
-def evaluate_arrayrecord(model, config, model_config, workdir) -> dict:
+def evaluate_arrayrecord(model, config, model_config, workdir,
+                         tokens: dict[str, frozen_tokens.FolderTokens] | None = None) -> dict:
     """The protocol on converted OACIRR val shards: every folder in ``config.data.val_dir`` (comma-separated);
-    writes the eval outputs."""
+    writes the eval outputs. `tokens`: frozen-encoder tokens already computed, by folder (see `evaluate_folder`)."""
     folders = [f for f in (config.data.val_dir or "").split(",") if f]
     if not folders:
         raise ValueError("config.data.val_dir is empty: point it at converted val folders (comma-separated)")
@@ -201,7 +182,8 @@ def evaluate_arrayrecord(model, config, model_config, workdir) -> dict:
     spec = pipeline.image_spec(model_config)
     per_subset, all_records = {}, []
     for folder in folders:
-        for subset, (m, recs) in evaluate_folder(enc, folder, config, spec, workdir).items():
+        for subset, (m, recs) in evaluate_folder(enc, folder, config, spec, workdir,
+                                                   (tokens or {}).get(folder)).items():
             if subset in per_subset:
                 raise ValueError(f"subset {subset!r} appears in more than one val folder")
             per_subset[subset] = {k: v for k, v in m.items() if k != "beta_mean"}

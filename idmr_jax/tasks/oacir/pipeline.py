@@ -20,8 +20,8 @@ import numpy as np
 
 from idmr_jax.data import image_ops, text
 from idmr_jax.data.boxes import box_to_patch_mask, perturb_box
-from idmr_jax.data.grain_io import (CheckpointableIterator, RecordReader, batched_iterator, check_worker_count,
-                                    decode_image, list_shards, plan_process)
+from idmr_jax.data.grain_io import (CheckpointableIterator, ProcessPlan, RecordReader, batched_iterator,
+                                    check_worker_count, decode_image, list_shards, plan_process)
 from idmr_jax.tasks.oacir import records
 
 QUERY_GLOB = "queries-*.array_record"
@@ -150,6 +150,15 @@ def image_spec(model_config) -> ImageSpec:
                      patch=mask_patch_size(model_config.blip2.vision))
 
 
+def training_order(config, num_records: int) -> tuple[grain.MapDataset, ProcessPlan]:
+    """(this process's query keys in training order, forever; its `ProcessPlan`): its share of the keys shuffled
+    with ``data.shuffle_seed``, reshuffled every epoch (the shuffle sees the epoch in the index). Element ``i`` is
+    the ``i``-th example this process trains on (with no worker processes)."""
+    plan = plan_process(num_records, config.data.batch_size, what="queries")
+    ds = grain.MapDataset.range(num_records)[plan.keys]
+    return ds.shuffle(seed=config.data.shuffle_seed).repeat(), plan
+
+
 def train_iterator(config, model_config=None, *, spec: ImageSpec | None = None) -> CheckpointableIterator:
     """The training iterator over ``config.data.train_dir`` (this process's rows of each global batch).
 
@@ -173,10 +182,7 @@ def train_iterator(config, model_config=None, *, spec: ImageSpec | None = None) 
     gallery_paths = list_shards(d.train_dir, GALLERY_GLOB)
     check_worker_count(d.num_workers, len(query_paths), shards="query shards",
                        remedy="convert with more --num-shards")
-    num_records = len(RecordReader(query_paths))
-    plan = plan_process(num_records, d.batch_size, what="queries")
-    ds = grain.MapDataset.range(num_records)[plan.keys]
-    ds = ds.shuffle(seed=d.shuffle_seed).repeat()  # reseeded per epoch: a new order every epoch
+    ds, plan = training_order(config, len(RecordReader(query_paths)))
     ds = ds.map(ReadQuery(query_paths))
     ds = ds.map(TrainExample(gallery_paths, spec, text.Tokenizer(d.tokenizer, d.max_text_len),
                              text_entity=d.text_entity, roi_crop=d.roi_crop))

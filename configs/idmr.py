@@ -53,7 +53,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.text = ml_collections.ConfigDict(dict(
         family="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
         num_kv_heads=4, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
-        tie_word_embeddings=False, remat="dots", scan=True,
+        # remat "full": "dots" also saves every layer's attention probabilities ([rows, heads, T, T] each), which
+        # at real sizes outgrows the weights (Qwen2-0.5B, 592 tokens, one row per device: 4.5 GB per device
+        # planned by XLA against 0.8 GB with "full"; `python -m idmr_jax.bench real_size --task=idmr`).
+        tie_word_embeddings=False, remat="full", scan=True,
         initializer_range=0.02))
     m.vision_feature_layer = -2
     m.image_token_id = 151646

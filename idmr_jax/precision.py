@@ -14,7 +14,8 @@ A config names one policy for the whole model; the task's ``model_config`` asks 
   of the features, the temperature-scaled logits, their logsumexp and the loss;
 * the features that meet in the global InfoNCE are bfloat16: their all-gather (or ring ``ppermute``), and the
   reduce-scatter that is its transpose in the backward pass, move half the bytes
-  (:mod:`idmr_jax.losses.contrastive` gathers features in the dtype they arrive in);
+  (:mod:`idmr_jax.losses.contrastive` gathers features in the dtype they arrive in; the ring's gradient
+  accumulators alone stay float32);
 * frozen parts (a frozen vision tower, the LM base under LoRA, a frozen projector) *store* their weights in their
   compute dtype. A matmul kernel is cast to the compute dtype before every matmul anyway, so the matmuls see the
   same values; only the frozen LayerNorm / BatchNorm parameters are rounded once. It halves their memory
@@ -27,15 +28,17 @@ projection heads: its outputs are the features), ``caam`` (the probe tokens and 
 they are float32). ``config.precision_overrides = {part: "float32" | "bfloat16"}`` sets one part's compute dtype
 (and, for a frozen part, its storage) against the policy, e.g. ``{"vision": "bfloat16"}`` under "float32".
 
-Drift of "bf16" against "float32" on the tiny configs (same init, same batch), asserted by
-``tests/test_precision.py`` from :data:`TOLERANCES`:
+Drift of "bf16" against "float32" on the tiny configs, same init and batch, per model family (ViT, EfficientNet,
+Q-Former, CAAM, decoder LM, LoRA) and for one train step of the tiny AdaFocal and IDMR recipes; asserted by
+``tests/test_precision.py`` from :data:`TOLERANCES` (measured maxima in brackets, CPU, JAX 0.10):
 
-* ``features``: max |f_bf16 - f_f32| of L2-normalised features (unit vectors; bf16 keeps 8 mantissa bits, 4e-3
-  relative per rounding, compounded over the layers);
-* ``loss``: |L_bf16 - L_f32| / |L_f32|;
-* ``grad``: 1 - cosine(g_bf16, g_f32) of the whole gradient;
-* ``step``: ||dθ_bf16 - dθ_f32|| / ||dθ_f32|| of one optimiser update. Adam's first update is lr * g / |g|
-  elementwise, so a gradient entry near zero can flip its sign under rounding: this bound is the loosest.
+* ``features``: ||f_bf16 - f_f32|| / ||f_f32|| of the outputs (0.048, the tiny Q-Former with its wide 0.2 init; the
+  L2-normalised AdaFocal features 0.035). bf16 keeps 8 mantissa bits, 0.4% per rounding, compounded over layers;
+* ``loss``: |L_bf16 - L_f32| / L_f32 (0.014, tiny AdaFocal at temperature 0.07);
+* ``grad``: 1 - cosine(g_bf16, g_f32) of the whole gradient (0.013, Q-Former);
+* ``step``: ||u_bf16 - u_f32|| / ||u_f32|| of the first optimiser update u (0.52, tiny AdaFocal). Adam's first
+  update is lr * g / |g| elementwise: a gradient entry below the rounding noise flips sign, which is why this bound
+  is loose; an update in a random direction would read sqrt(2), a reversed one 2.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ _POLICY_DTYPE = {"float32": "float32", "bf16": "bfloat16"}
 # The parts of each task's model that take a dtype (see the module docstring).
 PARTS = {"oacir": ("vision", "qformer", "caam"), "idmr": ("vision", "projector", "text", "lora")}
 # bf16 vs float32 drift bounds on the tiny configs (see the module docstring; tests/test_precision.py).
-TOLERANCES = {"features": 0.05, "loss": 0.02, "grad": 0.02, "step": 0.35}
+TOLERANCES = {"features": 0.1, "loss": 0.03, "grad": 0.03, "step": 0.8}
 # Config fields of the per-module dtypes that ``precision`` replaced, by task: (field, part it maps to).
 _LEGACY_FIELDS = {"oacir": (("vision.dtype", "vision"), ("qformer.dtype", "qformer")),
                   "idmr": (("vision.dtype", "vision"), ("text.dtype", "text"), ("text.dtype", "projector"),

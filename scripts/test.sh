@@ -11,9 +11,11 @@ export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}" JAX_PL
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 set +e
 # Two pytest workers (pytest-xdist), whole files per worker so module fixtures are built once: most tests wait on
-# single-threaded XLA compilation, so two of them share the 2 cores of a small CI machine well.
+# single-threaded XLA compilation, so two of them share the 2 cores of a small CI machine well. Files go out in
+# the order tests/conftest.py gives them (longest first), not xdist's (most tests first), so that no long file
+# starts last; all processes of the run share one XLA compilation cache (tests/conftest.py).
 # IDMR_TEST_WORKERS=0 runs everything in this process.
-python -m pytest -q -ra --durations=25 -n "${IDMR_TEST_WORKERS:-2}" --dist loadfile "$@"
+python -m pytest -q -ra --durations=25 -n "${IDMR_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
 rc=$?
 set -e
 # pytest exits 5 when no test was collected. With a selection (-k, -m, paths) that only means nothing

@@ -3,6 +3,7 @@ the numbers the suites rest on are checked against independent references (the P
 same loss as the JAX step; the analytic FLOPs match XLA's count; the top-k agrees with NumPy; the chunked
 loss's memory stays flat)."""
 
+import argparse
 import json
 
 import jax
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from idmr_jax.bench import flops
+from idmr_jax import precision
+from idmr_jax.bench import flops, train_step
 from idmr_jax.bench.__main__ import main
 from idmr_jax.models.qformer import QFormer, QFormerConfig
 from idmr_jax.models.vit import VisionTransformer, vit_config
@@ -29,7 +31,7 @@ def train_step_json(tmp_path_factory):
     """One tiny side-by-side run, shared by the train_step and input checks (compiling a step dominates)."""
     tmp = tmp_path_factory.mktemp("bench")
     result = _run(tmp, "train_step", "--config=tiny,baseline", "--devices=1", "--compare=torch", "--reps=2",
-                  "--warmup=1")
+                  "--warmup=1", "--only", "--dtype=float32")
     return tmp / "train_step.json", result
 
 
@@ -37,6 +39,7 @@ def test_train_step_against_the_torch_baseline(train_step_json):
     _, r = train_step_json
     # Same weights, same batch, dropout off: both sides compute the same loss, so their timings compare.
     assert r["parity"]["abs_diff"] <= 1e-4, r["parity"]
+    assert list(r["comparisons"]) == ["float32/none"] and r["ratios"] == {"float32/none": r["ratio"]}
     assert r["model"]["params"]["trainable"] == r["torch"]["trainable_params"]
     assert r["model"]["beta_mode"] == "none"
     assert r["ratio"] == pytest.approx(r["jax"]["examples_per_s"] / r["torch"]["examples_per_s"])
@@ -49,9 +52,40 @@ def test_cached_vit_features_change_no_number(tmp_path):
     """JAX reads the frozen ViT's cached output while torch runs the ViT on the pixels: the same loss, so the
     cached step is the recipe's step and its timing compares with the uncached PyTorch one."""
     r = _run(tmp_path, "train_step", "--config=tiny,baseline", "--devices=1", "--compare=torch", "--reps=1",
-             "--warmup=1", "--vit-cache=jax")
+             "--warmup=1", "--vit-cache=jax", "--only", "--dtype=float32")
     assert r["model"]["vit_cache"] == "jax"
     assert r["parity"]["abs_diff"] <= 1e-4, r["parity"]
+
+
+def test_train_step_bf16_against_torch_autocast(tmp_path):
+    """The suite's default comparison (bf16, the ViT every step on both sides) at tiny size: PyTorch under
+    autocast computes the JAX bf16 step's loss within the precision policy's documented loss tolerance."""
+    r = _run(tmp_path, "train_step", "--config=tiny,baseline", "--devices=1", "--compare=torch", "--reps=1",
+             "--warmup=1", "--only")
+    assert r["default"] == "bfloat16/none" and list(r["comparisons"]) == ["bfloat16/none"]
+    assert r["model"]["precision"] == "bf16" and r["model"]["vit_cache"] == "none"
+    assert r["torch"]["autocast"] == "bfloat16" and r["torch"]["threads"] == train_step.cpu_threads()
+    p = r["parity"]
+    assert p["tolerance"] == {"rel": precision.TOLERANCES["loss"]}
+    assert p["within_tolerance"] and p["abs_diff"] <= precision.TOLERANCES["loss"] * abs(p["loss_jax"]), p
+    assert p["abs_diff"] > 0  # bf16 rounding on both sides: an exact match would mean float32 ran
+    assert r["ratio"] == pytest.approx(r["jax"]["examples_per_s"] / r["torch"]["examples_per_s"])
+
+
+def test_train_step_runs_the_comparison_matrix_by_default():
+    """Without --only, --compare=torch runs float32 and bfloat16, each uncached and cached, the default first."""
+    parser = argparse.ArgumentParser()
+    train_step.add_args(parser)
+    args = parser.parse_args(["--compare=torch"])
+    assert train_step.comparisons(args) == [("bfloat16", "none"), ("float32", "none"), ("float32", "both"),
+                                            ("bfloat16", "both")]
+    args = parser.parse_args(["--compare=torch", "--dtype=float32", "--vit-cache=jax"])
+    assert train_step.comparisons(args)[0] == ("float32", "jax") and len(train_step.comparisons(args)) == 5
+    assert train_step.comparisons(parser.parse_args(["--compare=torch", "--only"])) == [("bfloat16", "none")]
+    tol = train_step.parity_tolerance("bfloat16")
+    assert train_step.within_tolerance({"abs_diff": 0.9 * tol["rel"] * 2.0, "loss_jax": -2.0}, tol)
+    assert not train_step.within_tolerance({"abs_diff": 1.1 * tol["rel"] * 2.0, "loss_jax": 2.0}, tol)
+    assert not train_step.within_tolerance({"abs_diff": 2e-4, "loss_jax": 2.0}, train_step.parity_tolerance("float32"))
 
 
 def test_mfu_suite(tmp_path, train_step_json):

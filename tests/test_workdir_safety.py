@@ -2,7 +2,8 @@
 checksums verified on restore, and evaluation refusing random weights or an unwritable output folder.
 
 In-process runs of the trainer on ``configs/oacir.py:tiny,fake``; one 6-step run (checkpoints 2, 4, 6) is shared
-by copying its workdir, and a persistent compilation cache lets later runs reuse its compiled programs.
+by copying its workdir, and the test run's persistent compilation cache (tests/conftest.py) lets later runs reuse
+its compiled programs (and this file reuse those of test_train.py's runs of the same model, when they came first).
 """
 
 import contextlib
@@ -22,19 +23,6 @@ from configs import oacir
 from idmr_jax import tasks
 from idmr_jax.train import checkpoint, integrity, lock, resume, trainer
 from idmr_jax.train import workdir as layout
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    before = {n: getattr(jax.config, n) for n in names}
-    values = (str(tmp_path_factory.mktemp("jax_cache")), 0, 0)
-    for name, value in zip(names, values):
-        jax.config.update(name, value)
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
 
 
 def _config(**overrides):

@@ -37,7 +37,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
         "model.qformer.intermediate_size": 1024,
         "model.caam.num_heads": 4, "model.caam.ffn_dim": 1024, "model.caam.head_hidden": 256,
         "data.batch_size": 8}),
-    "demo": ("demo", {"data.source": "fake"}),
+    # The demo's own frozen-encoder cache reads real shards; the bench's --vit-cache does the same on fake data.
+    "demo": ("demo", {"data.source": "fake", "train.cache_frozen_vision": False}),
     "vitg": ("fake", {"data.batch_size": 32}),  # per device: scaled by the device count in `load`
 }
 

@@ -41,7 +41,8 @@ def vendor_peak(device_kind: str) -> float | None:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="cpu_mid", help="preset (tiny, cpu_mid, vitg) or configs/oacir.py:ARGS")
-    p.add_argument("--dtype", default=None, help="compute dtype of the ViT and the Q-Former, e.g. bfloat16")
+    p.add_argument("--dtype", default=None,
+                   help="precision policy: bfloat16 (bf16) or float32 (default: the config's config.precision)")
     p.add_argument("--devices", type=int, default=None, help="use the first N devices (default: the config's mesh)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--baseline", action="store_true", help="the standard CIR baseline (no CAAM)")
@@ -60,7 +61,9 @@ def matmul_calls(sizes, dtype: str) -> dict[str, dict[int, Callable[[], Any]]]:
     import numpy as np
 
     calls: dict[str, dict[int, Callable[[], Any]]] = {"xla": {}}
-    mm = jax.jit(lambda x, y: x @ y)
+    # Products accumulated in float32, as the model's bf16 matmuls are: on CPU a bf16 x bf16 -> bf16 dot is
+    # rewritten by XLA into a float32 dot (no AMX), so it would measure the float32 peak under a bf16 name.
+    mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     for n in sizes:
         ka, kb = jax.random.split(jax.random.key(n))
         a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
@@ -93,6 +96,7 @@ def _xla_flops(compiled) -> float | None:
 def run(args: argparse.Namespace) -> dict:
     import jax
 
+    from idmr_jax import precision
     from idmr_jax.bench import configs, flops, jax_step
 
     config = configs.load(args.config, dtype=args.dtype, batch_size=args.batch_size,
@@ -114,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
 
     cpu = jax.default_backend() == "cpu"
     sizes = common.parse_ints(args.peak_sizes) if args.peak_sizes else ([1024, 2048] if cpu else [4096, 8192])
-    dtype = str(mc.blip2.vision.dtype) if hasattr(mc.blip2.vision, "dtype") else "float32"
+    dtype = precision.dtype_name(precision.compute_dtype(config, "qformer"))  # the trained part's matmuls
     calls = matmul_calls(sizes, dtype)
     # Step and peak reps alternate, so both see the same machine (a shared or throttled host drifts over minutes).
     step_times, peak_times = [], {lib: {n: [] for n in sizes} for lib in calls}

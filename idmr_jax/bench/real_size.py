@@ -28,6 +28,7 @@ import argparse
 import ast
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -73,14 +74,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def before_jax(argv: Sequence[str]) -> None:
-    """Asks for as many fake CPU devices as ``--mesh`` needs (before JAX initialises; TPU/GPU ignore it)."""
+    """Asks for exactly as many fake CPU devices as ``--mesh`` covers, replacing any count already in XLA_FLAGS
+    (before JAX initialises; TPU/GPU ignore it)."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--mesh", default="2,4,1")
     known, _ = parser.parse_known_args(list(argv))
     need = math.prod(common.parse_ints(known.mesh))
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={need}".strip()
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={need}".strip()
 
 
 # ----------------------------------------------------------------------------------------------

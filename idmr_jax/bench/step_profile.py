@@ -25,6 +25,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[^\s=]+)\s*=\s*(?P<shape>
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?(?P<name>[^\s(]+)\s*(?:\(.*\))?\s*(?:->.*)?\{\s*$")
 _CALLS = re.compile(r"calls=%?(?P<callee>[^\s,}]+)")
 _CUSTOM_TARGET = re.compile(r'custom_call_target="(?P<target>[^"]+)"')
+_OP_NAME = re.compile(r'op_name="(?P<op_name>[^"]+)"')
 
 _MATMUL_OPS = {"dot", "convolution"}
 _MOVE_OPS = {"transpose", "copy", "bitcast", "reshape", "broadcast", "slice", "dynamic-slice", "dynamic-update-slice",
@@ -33,6 +34,28 @@ _MOVE_OPS = {"transpose", "copy", "bitcast", "reshape", "broadcast", "slice", "d
 _COLLECTIVE_OPS = {"all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                    "all-reduce-start", "all-gather-start", "collective-permute-start"}
 _CONTROL_OPS = {"while", "conditional", "call"}  # their bodies' ops have events of their own
+
+
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+    """``{instruction name: the JAX operation it came from}``, from the instructions' ``op_name`` metadata with
+    the jit name dropped, e.g. ``transpose(jvp())/dot_general`` (a backward matmul)."""
+    named: dict[str, str] = {}
+    first_in: dict[str, str] = {}  # computation -> the first op_name in it (for fusions without metadata)
+    calls: dict[str, str] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        if (m := _INSTRUCTION.match(line)) is not None:
+            if (o := _OP_NAME.search(line)) is not None:
+                named[m["name"]] = o["op_name"].split("/", 1)[-1]
+                first_in.setdefault(current, named[m["name"]])
+            if (c := _CALLS.search(line)) is not None:
+                calls[m["name"]] = c["callee"]
+        elif (c := _COMPUTATION.match(line)) is not None:
+            current = c["name"]
+    for name, callee in calls.items():
+        if name not in named and callee in first_in:
+            named[name] = first_in[callee]
+    return named
 
 
 def hlo_categories(hlo_text: str) -> dict[str, str]:
@@ -85,7 +108,7 @@ def _trace_events(trace_dir: Path) -> list[dict]:
 
 def summarize_jax_trace(trace_dir: Path, hlo_text: str, steps: int, *, top: int = 15) -> dict:
     """Per-category and top-op time of the HLO ops in the trace, per step (`steps` steps were traced)."""
-    categories = hlo_categories(hlo_text)
+    categories, sources = hlo_categories(hlo_text), hlo_sources(hlo_text)
     per_op: collections.Counter = collections.Counter()
     counts: collections.Counter = collections.Counter()
     for e in _trace_events(trace_dir):
@@ -97,15 +120,19 @@ def summarize_jax_trace(trace_dir: Path, hlo_text: str, steps: int, *, top: int 
         counts[op] += 1
     total = sum(per_op.values())
     by_category: collections.Counter = collections.Counter()
+    by_source: collections.Counter = collections.Counter()
     for op, seconds in per_op.items():
         by_category[categories[op]] += seconds
+        by_source[(categories[op], sources.get(op, "?"))] += seconds
     return {
         "op_seconds_per_step": total,
         "ops_executed_per_step": sum(counts.values()) / steps,
         "by_category": {k: {"seconds": v, "share": v / total if total else 0.0}
                         for k, v in by_category.most_common()},
-        "top_ops": [{"op": op, "category": categories[op], "seconds": s, "share": s / total if total else 0.0}
-                    for op, s in per_op.most_common(top)],
+        "top_sources": [{"source": src, "category": cat, "seconds": s, "share": s / total if total else 0.0}
+                        for (cat, src), s in by_source.most_common(top)],
+        "top_ops": [{"op": op, "category": categories[op], "source": sources.get(op, "?"), "seconds": s,
+                     "share": s / total if total else 0.0} for op, s in per_op.most_common(top)],
     }
 
 
@@ -156,8 +183,12 @@ def format_summary(summary: dict[str, Any], title: str) -> str:
              f"{summary['ops_executed_per_step']:.0f} executed ops", "  by category:"]
     for name, row in summary["by_category"].items():
         lines.append(f"    {name:<24} {row['seconds'] * 1e3:9.1f} ms  {100 * row['share']:5.1f}%")
+    lines.append("  by the JAX operation the ops came from (jvp: forward, transpose: backward):")
+    for row in summary["top_sources"]:
+        lines.append(f"    {row['source'][:56]:<56} {row['category']:<14} {row['seconds'] * 1e3:8.1f} ms  "
+                     f"{100 * row['share']:5.1f}%")
     lines.append("  top ops:")
     for row in summary["top_ops"]:
-        lines.append(f"    {row['op'][:48]:<48} {row['category']:<14} {row['seconds'] * 1e3:8.1f} ms  "
-                     f"{100 * row['share']:5.1f}%")
+        lines.append(f"    {row['op'][:32]:<32} {row['category']:<14} {row['source'][:40]:<40} "
+                     f"{row['seconds'] * 1e3:8.1f} ms  {100 * row['share']:5.1f}%")
     return "\n".join(lines) + "\n"

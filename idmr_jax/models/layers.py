@@ -108,14 +108,13 @@ class Dense(nnx.Module):
         if x.shape[-n_in:] != self.in_features:
             raise ValueError(f"Dense expects trailing dims {self.in_features}, got input {x.shape}")
         dtype = self.dtype or x.dtype
-        kernel = self.kernel[...].astype(dtype)
+        x = x.astype(dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(dtype), kernel, (contract, ((), ())), precision=self.precision)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
+        y = _project(x, self.kernel[...], None if self.bias is None else self.bias[...], contract, dtype,
+                     self.precision)
         if self.lora is not None and not self.lora_merged:
-            y = y + self._lora_branch(x.astype(dtype), contract, deterministic)
-        return y
+            y = y + self._lora_branch(x, contract, deterministic).astype(y.dtype)
+        return y.astype(dtype)
 
     def _init_lora(self, lora, in_axes: Axes, out_axes: Axes, rngs: nnx.Rngs) -> None:
         r, pdt = int(lora.rank), jnp.dtype(lora.param_dtype)
@@ -158,18 +157,36 @@ def fused_dense(denses: Sequence[Dense], x: jax.Array, *, deterministic: bool = 
     dtype = first.dtype or x.dtype
     x = x.astype(dtype)
     kernel = jnp.stack([d.kernel[...].astype(dtype) for d in denses], axis=n_in)
+    bias = None if first.bias is None else jnp.stack([d.bias[...] for d in denses])
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x, kernel, (contract, ((), ())), precision=first.precision)
-    if first.bias is not None:
-        y = y + jnp.stack([d.bias[...].astype(dtype) for d in denses])
+    y = _project(x, kernel, bias, contract, dtype, first.precision)
     stacked_axis = x.ndim - n_in
     outs = []
     for i, d in enumerate(denses):
         out = jax.lax.index_in_dim(y, i, axis=stacked_axis, keepdims=False)
         if d.lora is not None and not d.lora_merged:
-            out = out + d._lora_branch(x, contract, deterministic)
-        outs.append(out)
+            out = out + d._lora_branch(x, contract, deterministic).astype(out.dtype)
+        outs.append(out.astype(dtype))
     return tuple(outs)
+
+
+def matmul_accumulator(dtype: DType) -> jnp.dtype | None:
+    """The ``preferred_element_type`` of a matmul that computes in `dtype`: float32 for 16-bit floats on CPU, else
+    None (the inputs' dtype). XLA's CPU backend runs bf16 x bf16 -> float32 products on AMX (YNNPACK) but turns
+    bf16 x bf16 -> bf16 products into float32 matmuls, slower than plain float32 (BENCHMARKS.md, "Step speed
+    changes"); TPU and GPU matrix units accumulate in float32 whatever the output dtype. Either way the products
+    are accumulated in float32 and rounded once to `dtype`."""
+    low = jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4
+    return jnp.dtype(jnp.float32) if low and jax.default_backend() == "cpu" and __import__("os").environ.get("IDMR_H6_ACC") != "0" else None  # H6 TEMP
+
+
+def _project(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, contract, dtype: DType,
+             precision: jax.lax.Precision | None) -> jax.Array:
+    """``x . kernel + bias`` over `contract` in `dtype`, returned in :func:`matmul_accumulator`'s dtype (the
+    caller rounds to `dtype` once, after any other addend)."""
+    y = jax.lax.dot_general(x, kernel.astype(dtype), (contract, ((), ())), precision=precision,
+                            preferred_element_type=matmul_accumulator(dtype))
+    return y if bias is None else y + bias.astype(y.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -328,12 +345,14 @@ def _explicit_attention(query, key, value, bias, mask, is_causal: bool, scale: f
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     weights = (probs if probs_dropout is None else probs_dropout(probs)).astype(value.dtype)
+    acc = matmul_accumulator(value.dtype)
     if group == 1:
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, value, precision=precision)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, value, precision=precision, preferred_element_type=acc)
     else:
         weights = weights.reshape(b, kv_heads, group, t, s)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", weights, value, precision=precision).reshape(b, t, heads, -1)
-    return out, probs
+        out = jnp.einsum("bkgqs,bskd->bqkgd", weights, value, precision=precision,
+                         preferred_element_type=acc).reshape(b, t, heads, -1)
+    return out.astype(value.dtype), probs
 
 
 def _causal(q_len: int, kv_len: int) -> jax.Array:

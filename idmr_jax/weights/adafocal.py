@@ -62,7 +62,7 @@ from idmr_jax.models.crm import CRMConfig
 from idmr_jax.weights import io, torch_io, vit
 from idmr_jax.weights.blip2 import convert as blip2_convert
 from idmr_jax.weights.blip2 import names as blip2_names
-from idmr_jax.weights.checks import read_json_file
+from idmr_jax.weights.checks import is_float_dtype, read_json_file
 from idmr_jax.weights.conversion import (ConvertError, ExportOptions, Imported, ImportOptions, apply_overrides,
                                          config_beside, log, summarise_paths)
 from idmr_jax.weights.mapping import (IDENTITY, LINEAR, NameMap, Rule, WeightMismatchError, per_layer, prefixed,
@@ -226,6 +226,11 @@ def to_official_state_dict(flat: Mapping[str, Any], cfg: AdaFocalConfig, *, drop
     else:
         sd = name_map.flax_to_torch(flat, source=source)
     sd = vit.split_lavis_qkv_bias(sd, prefix="visual_encoder.", drop_k_bias=drop_k_bias)
+    # The official checkpoints are float32; a bf16 run stores its frozen ViT in bf16 (idmr_jax.precision), which
+    # widens exactly.
+    widen = (lambda v: np.broadcast_to(np.zeros((), np.float32), v.shape)) if abstract else (
+        lambda v: np.asarray(v, np.float32))
+    sd = {k: widen(v) if is_float_dtype(v.dtype) else v for k, v in sd.items()}
     dec = append_dec_row_default(cfg) if append_dec_row is None else append_dec_row
     if dec:
         emb = sd[WORD_EMBEDDINGS]

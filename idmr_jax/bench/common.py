@@ -49,11 +49,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _mem_total_bytes() -> int | None:
+def meminfo_bytes(field: str = "MemTotal") -> int | None:
+    """A /proc/meminfo field in bytes (e.g. ``MemTotal``, ``MemAvailable``); None where unavailable."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -72,7 +73,7 @@ def machine_info() -> dict:
         "device_count": len(devices),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "mem_total_bytes": _mem_total_bytes(),
+        "mem_total_bytes": meminfo_bytes("MemTotal"),
         "python": platform.python_version(),
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,

@@ -1,25 +1,32 @@
 """``real_size``: the project's full-size models, compiled and run on fake data over a (fake) 8-device mesh.
 
-    python -m idmr_jax.bench real_size [--task=oacir] [--out=F.json]             # EVA ViT-g/14 + Q-Former + CAAM
-    python -m idmr_jax.bench real_size --task=idmr --lm=qwen2-0.5b [--out=F.json] # CLIP ViT-L/14-336 + LM + LoRA
+    python -m idmr_jax.bench real_size [--out=F.json]                      # EVA ViT-g/14 + Q-Former + CAAM
+    python -m idmr_jax.bench real_size --task=idmr --lm=qwen2-7b [--out=F.json]   # CLIP ViT-L/14-336 + LM + LoRA
         [--config=PATH[:ARGS]] [--mesh=2,4,1] [--batch-size=8] [--steps=2] [--eval-examples=8] [--max-len=N]
-        [--precision=bf16] [--set=FIELD=VALUE ...]
+        [--precision=bf16] [--set=FIELD=VALUE ...] [--compile-only | --force]
 
 What only real shapes show (dims the mesh does not divide, scan and remat over 39 blocks, memory) shows here: the
 config is ``configs/<task>.py`` with no keyword (the paper's model) on synthetic batches (``data.source=fake``),
-the mesh ``data=2, fsdp=4`` and a global batch of 8, and everything runs through the trainer's own code paths:
-the sharded state of ``train.setup.setup_state`` (initialised directly in its sharded layout and storage dtype),
-the jitted, donated step of ``train.state.make_train_step`` with the task's loss, and the task's evaluation.
+the mesh ``data=2, fsdp=4`` (``--mesh``; the process gets exactly that many fake CPU devices) and a global batch
+of 8, through the trainer's own code paths: ``train.setup.setup_state`` (the state initialised directly in its
+sharded layout and storage dtype), the jitted, donated step of ``train.state.make_train_step`` with the task's
+loss, and the task's evaluation.
 
-Reported: init, compile and step times, the evaluation's time (its programs' compilation included), the peak
-resident memory of each phase (RSS high-water mark), XLA's per-device memory analysis of the step, and, per
-state part (trainable params, frozen params, optimiser state), total and per-device bytes, with every tensor the
-rules leave whole on every device (``replicated_large``) or could not shard because the mesh does not divide it
+Order: (1) the step is compiled against the *abstract* sharded state (``setup_state(abstract=True)``: nothing of
+the model's size allocated), which gives the sharding report and XLA's memory plan; (2) only if that plan fits in
+the memory available (``fits``; ``--force`` overrides, ``--compile-only`` stops here) the state is initialised
+and the step runs ``--steps`` times, then the evaluation on a pool of ``--eval-examples``.
+
+Reported: compile, init and step times, the evaluation's time (its programs' compilation included), the peak
+resident memory of each phase (RSS high-water mark), XLA's per-device memory plan of the step
+(``step_memory``; ``all_devices_bytes``: what all the fake devices hold at once, i.e. this process), and per state
+part (trainable params, frozen params, optimiser state) total and per-device bytes, with every tensor the rules
+leave whole on every device (``replicated_large``) or could not split because the mesh does not divide it
 (``undivided``).
 
 IDMR's LM sizes: ``--lm`` names a public Qwen2 architecture (:data:`LM_SIZES`, from its config.json), weights
 random. Its prompt length is the image tokens (576 at 336 px) plus 16 text tokens unless ``--max-len`` says
-otherwise (the recipe pads to 1024; the shorter length keeps a step at 7B within minutes on 2 cores).
+otherwise (the recipe pads to 1024; the shorter length keeps a step within minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -68,6 +75,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="any config override, e.g. --set=model.vision.remat=full (Python literal or string)")
     p.add_argument("--large-mib", type=float, default=LARGE_BYTES / 2**20,
                    help="list replicated tensors at least this large")
+    p.add_argument("--force", action="store_true",
+                   help="run even when the step's memory plan exceeds the memory available (see `fits`)")
     p.add_argument("--compile-only", action="store_true",
                    help="allocate nothing: compile the step against the abstract sharded state and report XLA's "
                    "per-device memory plan and the host memory it predicts (sizes too large to run here)")
@@ -100,8 +109,8 @@ def real_size_config(args: argparse.Namespace):
     """The task's full-size config on fake data, the bench's mesh, batch and step count (see module docstring)."""
     from pathlib import Path
 
+    from idmr_jax import tasks
     from idmr_jax.bench import configs
-    from idmr_jax.tasks.idmr.task import IdmrTask
 
     spec = args.config or str(Path(configs.__file__).resolve().parents[2] / "configs" / f"{args.task}.py")
     config = configs.from_file(spec)
@@ -119,7 +128,7 @@ def real_size_config(args: argparse.Namespace):
         # The fake pool: instances x 2 scenes each; evaluation queries every example against every image.
         config.data.fake_instances = max(args.eval_examples // 2, 1)
         config.data.fake_scenes, config.data.fake_scenes_per_instance = max(args.eval_examples // 2, 2), 2
-        image_tokens = IdmrTask(config).image_tokens
+        image_tokens = tasks.build(config).image_tokens  # cheap: the task builds nothing until asked
         config.data.max_len = args.max_len or image_tokens + _TEXT_TOKENS
         config.data.candidate_max_len = 0
         rows_per_device = args.batch_size // (data * fsdp)
@@ -174,8 +183,8 @@ def sharding_report(state, mesh, rules, *, large_bytes: int = LARGE_BYTES) -> di
             row["bytes"] += total
             row["per_device_bytes"] += local
             row["by_dtype"][str(value.dtype)] = row["by_dtype"].get(str(value.dtype), 0) + total
-            actual = _mesh_axes(value.sharding.spec)
-            name = f"{part}{jax.tree_util.keystr(path, simple=True, separator='/')}"
+            actual = _mesh_axes(getattr(value.sharding, "spec", None) or ())  # a single-device array: none
+            name = "/".join([part, jax.tree_util.keystr(path, simple=True, separator="/")])
             about = {"path": name, "shape": list(value.shape), "dtype": str(value.dtype), "bytes": total,
                      "logical": list(names) if names else None}
             if "fsdp" in actual:
@@ -271,47 +280,70 @@ def run(args: argparse.Namespace) -> dict:
               "setup": describe(config, task), "timings": {}}
     timings = result["timings"]
     mesh = shd.mesh_from_config(config)
+    steps = max(args.steps, 1)
 
-    with _Phase(timings, "init"):
-        setup = setup_state(task, total_steps=max(args.steps, 1), mesh=mesh, abstract=args.compile_only)
-        if not args.compile_only:
-            jax.block_until_ready(setup.state)
-    state, rules = setup.state, setup.rules
-    result["state"] = sharding_report(state, mesh, rules, large_bytes=int(args.large_mib * 2**20))
-
+    # 1. The step, compiled against the abstract sharded state: nothing of the model's size is allocated yet.
+    abstract = setup_state(task, total_steps=steps, mesh=mesh, abstract=True)
+    rules = abstract.rules
+    result["state"] = sharding_report(abstract.state, mesh, rules, large_bytes=int(args.large_mib * 2**20))
     with shd.axis_rules(mesh, rules):
         data_iter = task.train_iterator()
         local = model_inputs(next(data_iter))
         batch_sh = batch_shardings(mesh, rules, local)
-        step_fn = make_train_step(setup.graphdef, task.bind_mesh(mesh), setup.optimizer, setup.schedules,
-                                  setup.state_shardings, batch_sh)
-        if args.compile_only:
-            batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in local.items()}
-        else:
-            batch = global_batch(local, batch_sh)
+        step_fn = make_train_step(abstract.graphdef, task.bind_mesh(mesh), abstract.optimizer, abstract.schedules,
+                                  abstract.state_shardings, batch_sh)
+        batch_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in local.items()}
         with _Phase(timings, "compile"):
-            compiled = step_fn.lower(state, batch).compile()
-        result["step_memory"] = _memory_analysis(compiled, mesh.size)
+            compiled = step_fn.lower(abstract.state, batch_shapes).compile()
+    result["step_memory"] = plan = _memory_analysis(compiled, mesh.size)
+    result["fits"] = fits = _fit_check(plan)
+    if args.compile_only or not (fits["fits"] or args.force):
+        result["ran"] = False
         if not args.compile_only:
-            losses, step_times = [], []
-            with _Phase(timings, "train"):
-                for i in range(args.steps):
-                    if i:
-                        batch = global_batch(model_inputs(next(data_iter)), batch_sh)
-                    t0 = time.perf_counter()
-                    state, metrics = compiled(state, batch)
-                    losses.append(float(metrics["loss"]))  # the wait for the step's end
-                    step_times.append(time.perf_counter() - t0)
-            timings["step_s"] = step_times
-            result["losses"] = losses
-            result["loss_finite"] = bool(losses) and all(np.isfinite(losses))
+            print(f"real_size: not running: {fits['reason']} (--force runs anyway)")
+        return _finish(result, data_iter)
 
-            model = nnx.merge(setup.graphdef, state.params, state.frozen)
-            with tempfile.TemporaryDirectory(prefix="idmr_real_size_") as workdir, _Phase(timings, "eval"):
-                result["eval"] = task.evaluate(model, workdir, args.steps)
-        if hasattr(data_iter, "close"):
-            data_iter.close()
-    peaks = [v for v in timings["peak_rss_bytes"].values() if v]
+    # 2. The run: the trainer's sharded init, the compiled step on the task's batches, the task's evaluation.
+    result["ran"] = True
+    with _Phase(timings, "init"):
+        setup = setup_state(task, total_steps=steps, mesh=mesh)
+        jax.block_until_ready(setup.state)
+    state = setup.state
+    with shd.axis_rules(mesh, rules):
+        losses, step_times = [], []
+        with _Phase(timings, "train"):
+            for i in range(args.steps):
+                batch = global_batch(local if i == 0 else model_inputs(next(data_iter)), batch_sh)
+                t0 = time.perf_counter()
+                state, metrics = compiled(state, batch)
+                losses.append(float(metrics["loss"]))  # the wait for the step's end
+                step_times.append(time.perf_counter() - t0)
+        timings["step_s"] = step_times
+        result["losses"] = losses
+        result["loss_finite"] = bool(losses) and all(np.isfinite(losses))
+        model = nnx.merge(setup.graphdef, state.params, state.frozen)
+        with tempfile.TemporaryDirectory(prefix="idmr_real_size_") as workdir, _Phase(timings, "eval"):
+            result["eval"] = task.evaluate(model, workdir, args.steps)
+    return _finish(result, data_iter)
+
+
+def _fit_check(plan: dict) -> dict:
+    """Whether the step's planned memory (all devices) fits in this machine's available memory, with 10% and
+    1 GiB to spare; true where the plan or the figure is unknown."""
+    available = common.meminfo_bytes("MemAvailable")
+    need = plan.get("all_devices_bytes")
+    if available is None or need is None:
+        return {"fits": True, "reason": "memory plan or MemAvailable unknown"}
+    fits = need * 1.1 + 2**30 <= available
+    reason = (f"the step's memory plan over all devices, {need / 2**30:.1f} GiB (+10% + 1 GiB), "
+              f"{'fits in' if fits else 'exceeds'} the {available / 2**30:.1f} GiB available")
+    return {"fits": fits, "need_bytes": need, "available_bytes": available, "reason": reason}
+
+
+def _finish(result: dict, data_iter) -> dict:
+    if hasattr(data_iter, "close"):
+        data_iter.close()
+    peaks = [v for v in result["timings"].get("peak_rss_bytes", {}).values() if v]
     result["peak_rss_bytes"] = max(peaks) if peaks else None
     result["summary"] = _summary(result)
     return result
@@ -321,7 +353,7 @@ def _summary(r: dict) -> dict:
     """The headline figures in GiB and seconds (what BENCHMARKS.md quotes)."""
     gib = lambda b: None if b is None else round(b / 2**30, 2)  # noqa: E731
     t, s = r["timings"], r["state"]
-    out = {"init_s": round(t["init_s"], 1), "compile_s": round(t["compile_s"], 1),
+    out = {"ran": r["ran"], "compile_s": round(t["compile_s"], 1),
            "peak_rss_gib": gib(r["peak_rss_bytes"]),
            "step_plan_all_devices_gib": gib(r["step_memory"].get("all_devices_bytes")),
            "per_device_state_gib": gib(s["per_device_bytes"]),
@@ -330,7 +362,7 @@ def _summary(r: dict) -> dict:
            "per_device_opt_state_gib": gib(s["parts"]["opt_state"]["per_device_bytes"]),
            "state_gib": gib(s["bytes"]), "replicated_large": len(s["replicated_large"]),
            "undivided": len(s["undivided"])}
-    if not r["compile_only"]:
-        out.update(step_s=[round(x, 1) for x in t["step_s"]], eval_s=round(t["eval_s"], 1), loss=r["losses"],
-                   eval=r["eval"])
+    if r["ran"]:
+        out.update(init_s=round(t["init_s"], 1), step_s=[round(x, 1) for x in t["step_s"]],
+                   eval_s=round(t["eval_s"], 1), loss=r["losses"], eval=r["eval"])
     return out

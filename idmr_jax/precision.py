@@ -5,7 +5,7 @@ A config names one policy for the whole model; the task's ``model_config`` asks 
 
 ``"float32"``: everything in float32. The tiny test configs use it, so the exact parity tests stay exact.
 
-``"bf16"`` (the full recipes and the laptop demos):
+``"bf16"`` (the full recipes and the OACIR laptop demo; the IDMR demo measured no faster in bf16 on a 2-core CPU):
 
 * trainable parameters and the optimiser state are float32 (the update is applied to float32 master weights);
 * matmuls and activations are bfloat16; matrix units (TPU MXU, GPU tensor cores, CPU AMX) accumulate the products

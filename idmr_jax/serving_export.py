@@ -54,11 +54,11 @@ def embedding_functions(model: adafocal.AdaFocal):
         m = bind(param_leaves)
         box_mask = box_to_patch_mask_batch(box, has_box, grid=grid, image_size=size, patch=patch)
         features, _ = m.query_features(m.encode_image(pixels), input_ids, attention_mask, box_mask)
-        return features
+        return features.astype(jnp.float32)  # the documented float32 outputs, whatever config.precision was
 
     def target(param_leaves, pixels):
         m = bind(param_leaves)
-        return m.target_features(m.encode_image(pixels))
+        return m.target_features(m.encode_image(pixels)).astype(jnp.float32)
 
     return leaves, names, query, target
 

@@ -73,8 +73,10 @@ def test_real_size_harness_on_the_tiny_config(tmp_path):
     config.model.qformer.num_layers, config.model.qformer.vocab_size = 2, 1024
     abstract = nnx.state(nnx.eval_shape(OacirTask(config).build_model), nnx.Param)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
-    params = r["state"]["parts"]["params"]
-    assert params["bytes"] == 4 * n_params  # nothing frozen in the tiny config: every param trains
+    parts = r["state"]["parts"]
+    # Trainable params plus the frozen ViT's (the frozen part also holds RNG state, which is not float32).
+    assert parts["params"]["bytes"] + parts["frozen"]["by_dtype"]["float32"] == 4 * n_params
+    assert parts["params"]["by_dtype"] == {"float32": parts["params"]["bytes"]}
     # Every tensor of the tiny model splits over fsdp, except ones too small to list.
     fsdp = r["state"]["fsdp_sharded"]
     assert fsdp["per_device_bytes"] * 4 == fsdp["bytes"] and fsdp["bytes"] > 0.99 * r["state"]["bytes"]

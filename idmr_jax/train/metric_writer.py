@@ -110,7 +110,8 @@ class MetricWriter:
         if progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True, desc="train")
+            self._bar.set_postfix_str("compiling the train step")  # the first step waits for XLA
 
     def write(self, step: int, metrics: dict, *, prefix: str = "train") -> None:
         """Logs scalar metrics for `step` (device arrays are fetched here, once per logging interval)."""

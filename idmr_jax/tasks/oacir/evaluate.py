@@ -27,6 +27,10 @@ from idmr_jax.evaluation.ranking import rank_gallery
 from idmr_jax.tasks.oacir import eval_shards, frozen_tokens, metrics, pipeline, visualize
 
 
+def _float32(tree):
+    return jax.tree.map(lambda x: x.astype(jax.numpy.float32), tree)
+
+
 class FeatureEncoder(BlockEncoder):
     """AdaFocal's encoders over padded, batch-sharded blocks (see `BlockEncoder`).
 
@@ -38,9 +42,10 @@ class FeatureEncoder(BlockEncoder):
     def __init__(self, model, batch_size: int, mesh=None, rules=shd.DEFAULT_RULES):
         super().__init__(model, batch_size, mesh, rules)
         self._vision = self.program(lambda m, pixels: m.vision_tokens(pixels))
-        self._targets = self.program(lambda m, tokens: m.target_features(m.embed_tokens(tokens)))
+        # Features leave as float32 whatever config.precision computed them in (numpy has no bf16 matmul).
+        self._targets = self.program(lambda m, tokens: _float32(m.target_features(m.embed_tokens(tokens))))
         self._queries = self.program(
-            lambda m, tokens, ids, mask, box: m.query_features(m.embed_tokens(tokens), ids, mask, box))
+            lambda m, tokens, ids, mask, box: _float32(m.query_features(m.embed_tokens(tokens), ids, mask, box)))
 
     def vision(self, pixels: np.ndarray) -> np.ndarray:
         """Frozen-encoder tokens [N, Nimg, Dv] (before ``ln_vision``) of a block of <= batch_size images."""

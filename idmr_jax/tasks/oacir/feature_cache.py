@@ -20,19 +20,14 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
 from idmr_jax.data import text
 from idmr_jax.tasks.oacir import evaluate, frozen_tokens, pipeline
 
 TEXT_CHUNK = 4096  # queries tokenised per call
-
-
-def enabled(config: ml_collections.ConfigDict) -> bool:
-    """Whether ``config.train.cache_frozen_vision`` is on."""
-    return bool(config.get("train", {}).get("cache_frozen_vision", False))
 
 
 def check_cacheable(config: ml_collections.ConfigDict) -> None:
@@ -149,7 +144,8 @@ class FrozenFeatureCache:
             for folder in [f for f in (self.config.data.val_dir or "").split(",") if f]:
                 self.val_tokens[folder] = evaluate.folder_tokens(enc, folder, self.config, self.spec)
         rows = len(tables.folder.tokens) + sum(len(t.tokens) for t in self.val_tokens.values())
-        logging.info("frozen-encoder tokens of %d images cached in %.1f s", rows, time.perf_counter() - start)
+        if jax.process_index() == 0:
+            print(f"frozen-encoder tokens of {rows} images cached in {time.perf_counter() - start:.1f} s")
 
     def close(self) -> None:
         """Removes the token files."""

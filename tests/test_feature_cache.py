@@ -53,10 +53,17 @@ def _loss_and_grads(task, model, batch):
         return jax.jit(jax.value_and_grad(loss))(params)
 
 
-def test_cached_tokens_give_the_uncached_examples_loss_and_gradients(splits):
+@pytest.fixture(scope="module")
+def prepared(splits):
+    """(uncached task, cached task after its token pass, the tiny random model both use)."""
     plain, cached = OacirTask(_config(splits, False)), OacirTask(_config(splits, True))
     model = plain.build_model()
     cached.prepare_training(model)
+    return plain, cached, model
+
+
+def test_cached_tokens_give_the_uncached_examples_loss_and_gradients(prepared):
+    plain, cached, model = prepared
     it_plain, it_cached = plain.train_iterator(), cached.train_iterator()
     batches = [(next(it_plain), next(it_cached)) for _ in range(3)]  # 20 queries: the 3rd batch is in epoch 2
     encode = nnx.jit(lambda m, pixels: m.vision_tokens(pixels))
@@ -84,12 +91,10 @@ def test_cached_tokens_give_the_uncached_examples_loss_and_gradients(splits):
     np.testing.assert_array_equal(next(fresh)["example_id"], batches[1][1]["example_id"])
 
 
-def test_evaluation_reads_the_cached_val_tokens(splits, tmp_path, monkeypatch):
+def test_evaluation_reads_the_cached_val_tokens(prepared, splits, tmp_path, monkeypatch):
     from idmr_jax.tasks.oacir import evaluate
 
-    plain, cached = OacirTask(_config(splits, False)), OacirTask(_config(splits, True))
-    model = plain.build_model()
-    cached.prepare_training(model)
+    plain, cached, model = prepared
     assert list(cached.feature_cache.val_tokens) == [splits[1]]
     want = plain.evaluate(model, tmp_path / "plain", 0)
 

@@ -146,7 +146,7 @@ def fused_dense(denses: Sequence[Dense], x: jax.Array, *, deterministic: bool = 
     front of the output axes, so sharded head axes stay sharded. LoRA adapters are added per layer, in order.
     Layers that differ in input/output shape, dtype, precision or bias fall back to separate calls."""
     first = denses[0]
-    if __import__("os").environ.get("IDMR_H6_FUSED") == "0" or len(denses) == 1 or any(
+    if len(denses) == 1 or any(
             (d.in_features, d.out_features, d.dtype, d.precision, d.bias is None)
             != (first.in_features, first.out_features, first.dtype, first.precision, first.bias is None)
             for d in denses):
@@ -177,7 +177,7 @@ def matmul_accumulator(dtype: DType) -> jnp.dtype | None:
     changes"); TPU and GPU matrix units accumulate in float32 whatever the output dtype. Either way the products
     are accumulated in float32 and rounded once to `dtype`."""
     low = jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4
-    return jnp.dtype(jnp.float32) if low and jax.default_backend() == "cpu" and __import__("os").environ.get("IDMR_H6_ACC") != "0" else None  # H6 TEMP
+    return jnp.dtype(jnp.float32) if low and jax.default_backend() == "cpu" else None
 
 
 def _project(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, contract, dtype: DType,
@@ -316,7 +316,7 @@ def cudnn_attention_supported(query: jax.Array, key: jax.Array, bias: jax.Array 
 
 
 def _auto_implementation(query, key, bias, mask, explicit_needed: bool) -> str:
-    if explicit_needed or (jax.default_backend() == "cpu" and __import__("os").environ.get("IDMR_H6_ATTN") != "xla"):  # H6 TEMP
+    if explicit_needed or jax.default_backend() == "cpu":
         return "explicit"
     return "cudnn" if cudnn_attention_supported(query, key, bias, mask) else "xla"
 

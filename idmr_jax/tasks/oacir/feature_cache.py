@@ -126,6 +126,7 @@ class FrozenFeatureCache:
         from idmr_jax.data.grain_io import RecordReader, list_shards
 
         if self._iterator is None:
+            pipeline.check_train_dir(self.config)
             queries = RecordReader(list_shards(self.config.data.train_dir, pipeline.QUERY_GLOB))
             self._iterator = CachedTrainIterator(self.config, len(queries))
         return self._iterator

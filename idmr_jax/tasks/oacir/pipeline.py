@@ -150,6 +150,13 @@ def image_spec(model_config) -> ImageSpec:
                      patch=mask_patch_size(model_config.blip2.vision))
 
 
+def check_train_dir(config) -> None:
+    """A ValueError that says how to fill ``config.data.train_dir`` when it is empty."""
+    if not config.data.train_dir:
+        raise ValueError("config.data.train_dir is empty: point it at the output of `python -m data_prep.oacirr` "
+                         "(for source='demo', call idmr_jax.tasks.prepare_data(config) first, as main does)")
+
+
 def training_order(config, num_records: int) -> tuple[grain.MapDataset, ProcessPlan]:
     """(this process's query keys in training order, forever; its `ProcessPlan`): its share of the keys shuffled
     with ``data.shuffle_seed``, reshuffled every epoch (the shuffle sees the epoch in the index). Element ``i`` is
@@ -171,9 +178,7 @@ def train_iterator(config, model_config=None, *, spec: ImageSpec | None = None) 
     batch sequence depends on the worker count (deterministically) and a resumed run must keep the count.
     """
     d = config.data
-    if not d.train_dir:
-        raise ValueError("config.data.train_dir is empty: point it at the output of `python -m data_prep.oacirr` "
-                         "(for source='demo', call idmr_jax.tasks.prepare_data(config) first, as main does)")
+    check_train_dir(config)
     if spec is None:
         if model_config is None:
             raise ValueError("train_iterator needs a model_config (an AdaFocalConfig) or an explicit spec")

@@ -89,6 +89,32 @@ def test_gradients_agree_across_paths():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [H, 2])  # multi-head and grouped-query attention
+def test_bf16_gradients_match_float32(kv_heads):
+    """bf16 inputs on CPU: both products take bf16 operands with float32 sums in the forward and the backward pass
+    (models.mixed_matmul); the gradients stay within bf16 rounding of float32's on the same (rounded) inputs,
+    with bias, padding mask, causal mask and dropout."""
+    q, k, v, bias, mask = _inputs(kv_heads, t=S)
+    r = np.random.default_rng(3)
+    keep = (r.random((B, H, S, S)) > 0.3).astype(np.float32)
+    cot = r.normal(size=(B, S, H, DH)).astype(np.float32)
+
+    def loss(q, k, v):
+        out = L.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=True,
+                                      probs_dropout=lambda p: p * keep / 0.7)
+        return jnp.sum(out.astype(jnp.float32) * cot)
+
+    bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
+    assert ("custom_vjp" in str(jax.make_jaxpr(loss)(*bf16))) == (jax.default_backend() == "cpu")
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*bf16)
+    ref = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*(a.astype(jnp.float32) for a in bf16))
+    for got, want in zip(grads, ref):
+        assert got.dtype == jnp.bfloat16
+        scale = float(jnp.abs(want).max())
+        assert scale > 0.1
+        assert float(jnp.abs(got.astype(jnp.float32) - want).max()) < 2e-2 * scale
+
+
 def test_probs_dropout_and_automatic_choice():
     q, k, v, bias, mask = _inputs()
     ref, ref_probs = _reference(q, k, v, bias, mask)

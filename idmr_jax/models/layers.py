@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from idmr_jax.models.mixed_matmul import contraction_spec, matmul_accumulator, mixed_einsum, uses_mixed_matmul
+
 Shape = int | Sequence[int]
 Axes = Sequence[str | None]
 DType = Any
@@ -109,11 +111,9 @@ class Dense(nnx.Module):
             raise ValueError(f"Dense expects trailing dims {self.in_features}, got input {x.shape}")
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = _project(x, self.kernel[...], None if self.bias is None else self.bias[...], contract, dtype,
-                     self.precision)
+        y = _project(x, self.kernel[...], None if self.bias is None else self.bias[...], n_in, dtype, self.precision)
         if self.lora is not None and not self.lora_merged:
-            y = y + self._lora_branch(x, contract, deterministic).astype(y.dtype)
+            y = y + self._lora_branch(x, deterministic).astype(y.dtype)
         return y.astype(dtype)
 
     def _init_lora(self, lora, in_axes: Axes, out_axes: Axes, rngs: nnx.Rngs) -> None:
@@ -127,16 +127,22 @@ class Dense(nnx.Module):
         self.lora_dropout = nnx.Dropout(float(lora.dropout), rngs=rngs) if lora.dropout > 0 else None
         self.lora_merged = False  # set by lora.merge: the delta then lives in `kernel`
 
-    def _lora_branch(self, x: jax.Array, contract, deterministic: bool) -> jax.Array:
+    def _lora_branch(self, x: jax.Array, deterministic: bool) -> jax.Array:
         # In the LoRA config's compute dtype (None: the layer's); the result joins the base output in x's dtype.
         out_dtype = x.dtype
         dtype = jnp.dtype(self.lora.dtype or x.dtype)
         x = x.astype(dtype)
         if self.lora_dropout is not None:
             x = self.lora_dropout(x, deterministic=deterministic)
-        h = jax.lax.dot_general(x, self.lora_a[...].astype(dtype), (contract, ((), ())), precision=self.precision)
-        y = jnp.tensordot(h, self.lora_b[...].astype(dtype), axes=1, precision=self.precision)
-        return (y * jnp.asarray(self.lora.scale, dtype)).astype(out_dtype)
+        n_in, n_out = len(self.in_features), len(self.out_features)
+        if uses_mixed_matmul(dtype):  # as in _project: bf16 products with float32 accumulation, both passes
+            h = mixed_einsum(contraction_spec(x.ndim, n_in, 1), x, self.lora_a[...], dtype, self.precision)
+            y = mixed_einsum(contraction_spec(h.ndim, 1, n_out), h, self.lora_b[...], dtype, self.precision)
+        else:
+            contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+            h = jax.lax.dot_general(x, self.lora_a[...].astype(dtype), (contract, ((), ())), precision=self.precision)
+            y = jnp.tensordot(h, self.lora_b[...].astype(dtype), axes=1, precision=self.precision)
+        return (y * jnp.asarray(self.lora.scale, y.dtype)).astype(out_dtype)
 
 
 def fused_dense(denses: Sequence[Dense], x: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, ...]:
@@ -156,36 +162,30 @@ def fused_dense(denses: Sequence[Dense], x: jax.Array, *, deterministic: bool = 
         raise ValueError(f"Dense expects trailing dims {first.in_features}, got input {x.shape}")
     dtype = first.dtype or x.dtype
     x = x.astype(dtype)
-    kernel = jnp.stack([d.kernel[...].astype(dtype) for d in denses], axis=n_in)
+    # Stacked in the parameter dtype: _project casts (on the mixed path a float32 kernel gets a float32 gradient).
+    kernel = jnp.stack([d.kernel[...] for d in denses], axis=n_in)
     bias = None if first.bias is None else jnp.stack([d.bias[...] for d in denses])
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = _project(x, kernel, bias, contract, dtype, first.precision)
+    y = _project(x, kernel, bias, n_in, dtype, first.precision)
     stacked_axis = x.ndim - n_in
     outs = []
     for i, d in enumerate(denses):
         out = jax.lax.index_in_dim(y, i, axis=stacked_axis, keepdims=False)
         if d.lora is not None and not d.lora_merged:
-            out = out + d._lora_branch(x, contract, deterministic).astype(out.dtype)
+            out = out + d._lora_branch(x, deterministic).astype(out.dtype)
         outs.append(out.astype(dtype))
     return tuple(outs)
 
 
-def matmul_accumulator(dtype: DType) -> jnp.dtype | None:
-    """The ``preferred_element_type`` of a matmul that computes in `dtype`: float32 for 16-bit floats on CPU, else
-    None (the inputs' dtype). XLA's CPU backend runs bf16 x bf16 -> float32 products on AMX (YNNPACK) but turns
-    bf16 x bf16 -> bf16 products into float32 matmuls, slower than plain float32 (BENCHMARKS.md, "Step speed
-    changes"); TPU and GPU matrix units accumulate in float32 whatever the output dtype. Either way the products
-    are accumulated in float32 and rounded once to `dtype`."""
-    low = jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4
-    return jnp.dtype(jnp.float32) if low and jax.default_backend() == "cpu" else None
-
-
-def _project(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, contract, dtype: DType,
+def _project(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, n_in: int, dtype: DType,
              precision: jax.lax.Precision | None) -> jax.Array:
-    """``x . kernel + bias`` over `contract` in `dtype`, returned in :func:`matmul_accumulator`'s dtype (the
-    caller rounds to `dtype` once, after any other addend)."""
-    y = jax.lax.dot_general(x, kernel.astype(dtype), (contract, ((), ())), precision=precision,
-                            preferred_element_type=matmul_accumulator(dtype))
+    """``x . kernel + bias`` (`x`'s last `n_in` dims against `kernel`'s first) in `dtype`, returned in
+    :func:`matmul_accumulator`'s dtype (the caller rounds to `dtype` once, after any other addend). 16-bit on CPU:
+    :func:`mixed_einsum`, whose backward products also run in `dtype` with float32 accumulation."""
+    if uses_mixed_matmul(dtype):
+        y = mixed_einsum(contraction_spec(x.ndim, n_in, kernel.ndim - n_in), x, kernel, dtype, precision)
+    else:
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x, kernel.astype(dtype), (contract, ((), ())), precision=precision)
     return y if bias is None else y + bias.astype(y.dtype)
 
 
@@ -219,11 +219,37 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def rounded_once(fn: Callable[[jax.Array], jax.Array],
+                 float32_form: Callable[[jax.Array], jax.Array] | None = None) -> Callable[[jax.Array], jax.Array]:
+    """`fn` computed in float32 on 16-bit float inputs (by `float32_form` where given: the same function written
+    to be cheaper, for inputs whose result is rounded to 16 bits anyway) and rounded once to their dtype; other
+    inputs go through `fn` unchanged. XLA's CPU backend evaluates bf16 elementwise ops op by op through float32 and
+    is slower on them than on float32 (exact GELU on 2056x1024: 14.5 vs 5.2 ms, BENCHMARKS.md section 1), and each
+    bf16 intermediate would cost accuracy; on TPU/GPU the converts fuse into the same elementwise kernel."""
+
+    @functools.wraps(fn)
+    def in_float32(x: jax.Array) -> jax.Array:
+        if jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize < 4:
+            return (float32_form or fn)(x.astype(jnp.float32)).astype(x.dtype)
+        return fn(x)
+
+    return in_float32
+
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """Exact GELU as torch writes it, ``0.5 x (1 + erf(x / sqrt 2))``: on XLA CPU 2.3x cheaper than
+    ``jax.nn.gelu``'s ``erfc`` form, which float32 inputs keep (their numbers stay as they were). They differ by
+    float32 rounding only (``1 + erf`` is off by up to 6e-8 absolute, which matters in relative terms only in the
+    far negative tail, where GELU is below 1e-6): after rounding to bf16, in ties only."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact erf form (torch nn.GELU default)
-    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "quick_gelu": quick_gelu,
-    "relu": jax.nn.relu,
+    # exact erf GELU (torch nn.GELU default)
+    "gelu": rounded_once(functools.partial(jax.nn.gelu, approximate=False), float32_form=gelu_erf),
+    "gelu_tanh": rounded_once(functools.partial(jax.nn.gelu, approximate=True)),
+    "quick_gelu": rounded_once(quick_gelu),
+    "relu": jax.nn.relu,  # exact in any dtype
 }
 
 
@@ -328,7 +354,14 @@ def _explicit_attention(query, key, value, bias, mask, is_causal: bool, scale: f
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
     group = heads // kv_heads
-    if group == 1:
+    mixed = uses_mixed_matmul(value.dtype) and query.dtype == key.dtype == value.dtype
+    if mixed:
+        # Heads-major [b, kv_heads, group * t, d] (query head n reads kv head n // group, as below): the batch dims
+        # lead both products, forward and backward, as mixed_einsum needs.
+        q = query.transpose(0, 2, 1, 3).reshape(b, kv_heads, group * t, -1)
+        k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+        logits = mixed_einsum("bkqd,bksd->bkqs", q, k, value.dtype, precision).reshape(b, heads, t, s)
+    elif group == 1:
         logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, precision=precision, preferred_element_type=jnp.float32)
     else:  # grouped-query attention without materialising repeated keys/values
         grouped = query.reshape(b, t, kv_heads, group, query.shape[-1])
@@ -346,7 +379,10 @@ def _explicit_attention(query, key, value, bias, mask, is_causal: bool, scale: f
     probs = jax.nn.softmax(logits, axis=-1)
     weights = (probs if probs_dropout is None else probs_dropout(probs)).astype(value.dtype)
     acc = matmul_accumulator(value.dtype)
-    if group == 1:
+    if mixed:
+        out = mixed_einsum("bkqs,bksd->bkqd", weights.reshape(b, kv_heads, group * t, s), v, value.dtype, precision)
+        out = out.astype(value.dtype).reshape(b, heads, t, -1).transpose(0, 2, 1, 3)
+    elif group == 1:
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, value, precision=precision, preferred_element_type=acc)
     else:
         weights = weights.reshape(b, kv_heads, group, t, s)

@@ -8,6 +8,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUNS="${1:-$ROOT/workdir/demo_seeds}"
 SEEDS="${2:-0 1 2}"
+# shellcheck source=scripts/setup.sh
+source "$ROOT/scripts/setup.sh"  # the table at the end runs in this shell's .venv
 mkdir -p "$RUNS"
 for model in adafocal baseline; do
   config="configs/oacir.py:demo"

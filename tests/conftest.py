@@ -32,7 +32,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # Test files by measured duration, longest first (the rest follow in their usual order). With
 # `--dist loadfile --no-loadscope-reorder` (scripts/test.sh) the two workers take files in this order, so a long
-# file starts at once instead of last, when the other worker would idle; see BENCHMARKS.md "Test suite".
+# file starts at once instead of last, when the other worker would idle; see BENCHMARKS.md section 7.
 LONGEST_FIRST = (
     "test_multihost.py", "test_train.py", "test_notebooks.py", "test_idmr_task.py", "test_workdir_safety.py",
     "test_demo.py", "test_export.py", "test_bench.py", "test_convert.py", "test_oacir_pipeline.py",

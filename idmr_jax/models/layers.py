@@ -112,9 +112,7 @@ class Dense(nnx.Module):
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         y = _project(x, self.kernel[...], None if self.bias is None else self.bias[...], n_in, dtype, self.precision)
-        if self.lora is not None and not self.lora_merged:
-            y = y + self._lora_branch(x, deterministic).astype(y.dtype)
-        return y.astype(dtype)
+        return self.add_lora(y, x, deterministic=deterministic).astype(dtype)
 
     def _init_lora(self, lora, in_axes: Axes, out_axes: Axes, rngs: nnx.Rngs) -> None:
         r, pdt = int(lora.rank), jnp.dtype(lora.param_dtype)
@@ -126,6 +124,14 @@ class Dense(nnx.Module):
                                  pdt)
         self.lora_dropout = nnx.Dropout(float(lora.dropout), rngs=rngs) if lora.dropout > 0 else None
         self.lora_merged = False  # set by lora.merge: the delta then lives in `kernel`
+
+    def add_lora(self, y: jax.Array, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """`y` (this layer's base output for input `x`) plus the LoRA adapter's ``dropout(x) A B * scale``, in y's
+        dtype; `y` unchanged without an adapter or once it is merged into ``kernel``. Shared by :func:`fused_dense`,
+        which computes the base outputs of several layers in one matmul."""
+        if self.lora is None or self.lora_merged:
+            return y
+        return y + self._lora_branch(x, deterministic).astype(y.dtype)
 
     def _lora_branch(self, x: jax.Array, deterministic: bool) -> jax.Array:
         # In the LoRA config's compute dtype (None: the layer's); the result joins the base output in x's dtype.
@@ -170,9 +176,7 @@ def fused_dense(denses: Sequence[Dense], x: jax.Array, *, deterministic: bool = 
     outs = []
     for i, d in enumerate(denses):
         out = jax.lax.index_in_dim(y, i, axis=stacked_axis, keepdims=False)
-        if d.lora is not None and not d.lora_merged:
-            out = out + d._lora_branch(x, deterministic).astype(out.dtype)
-        outs.append(out.astype(dtype))
+        outs.append(d.add_lora(out, x, deterministic=deterministic).astype(dtype))
     return tuple(outs)
 
 

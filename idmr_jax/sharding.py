@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -125,6 +127,86 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_pspec(axes, rules)))
+
+
+def compute_sharding(param: nnx.Variable, dtype: Any, *, stacked_at: int | None = None) -> NamedSharding | None:
+    """The sharding to give `param`'s copy cast to the compute `dtype`: the parameter's own (its logical names
+    through the active :func:`axis_rules`, as :func:`state_shardings` stores it), so that XLA casts the local shard
+    and all-gathers the compute dtype (bf16: half the bytes of a float32 master weight; MaxText does the same)
+    instead of gathering the float32 weight and keeping a full float32 copy. `stacked_at`: the copy has a new,
+    unsharded axis there (:func:`~idmr_jax.models.layers.fused_dense` stacks kernels).
+
+    None, i.e. leave the cast alone, where it changes nothing or there is nothing to keep: `dtype` is the
+    parameter's own (float32 compute, frozen weights stored in bf16), no rules are active, the parameter has no
+    logical names or they do not match its shape, or no mesh axis of size > 1 splits it."""
+    active = _ACTIVE.get()
+    names = param.get_metadata().get("out_sharding")
+    value = param.get_value()
+    if active is None or not names or jnp.dtype(dtype) == value.dtype:
+        return None
+    shape = value.shape if stacked_at is None else value.shape[:stacked_at] + (1,) + value.shape[stacked_at:]
+    if stacked_at is not None:
+        names = tuple(names[:stacked_at]) + (None,) + tuple(names[stacked_at:])
+    mesh, rules = active
+    if len(names) != len(shape):
+        return None
+    spec = divisible_pspec(logical_to_pspec(names, rules), shape, mesh)
+    if not any(mesh.shape[a] > 1 for a in _mesh_axes_of(spec)):
+        return None
+    return NamedSharding(mesh, spec)
+
+
+def _mesh_axes_of(spec: PartitionSpec) -> list[str]:
+    return [a for entry in spec for a in ((entry,) if isinstance(entry, str) else tuple(entry or ()))]
+
+
+def gathered_for_use(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+    """A weight's compute copy `x`, stored in `sharding`, all-gathered over the mesh axes of the "batch" rule (what a
+    matmul against batch-sharded activations needs; tensor-parallel axes stay split). On CPU a 16-bit float is
+    gathered as its uint16 bits: XLA:CPU's float normalisation runs a bf16 all-gather in float32 (a full float32
+    copy on every device, the cost this gather avoids); the bits, hence the values, are the same."""
+    rules = (_ACTIVE.get() or (None, DEFAULT_RULES))[1]
+    batch_axes = set(_mesh_axes_of(logical_to_pspec(("batch",), rules)))
+    spec = PartitionSpec(*(_drop_axes(entry, batch_axes) for entry in sharding.spec))
+    target = NamedSharding(sharding.mesh, spec)
+    bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}") if x.dtype.itemsize < 4 else None
+    if bits is None or sharding.mesh.devices.flat[0].platform != "cpu":
+        return jax.lax.with_sharding_constraint(x, target)
+    # Constrained to `sharding` and then to `target`: the reshard (the gather) sits between them, on the uint16 bits.
+    stored = jax.lax.with_sharding_constraint(jax.lax.bitcast_convert_type(x, bits), sharding)
+    gathered = jax.lax.with_sharding_constraint(stored, target)
+    return jax.lax.bitcast_convert_type(gathered, x.dtype)
+
+
+def _drop_axes(entry, axes: set[str]):
+    kept = tuple(a for a in ((entry,) if isinstance(entry, str) else tuple(entry or ())) if a not in axes)
+    return kept[0] if len(kept) == 1 else (kept or None)
+
+
+def sharded_cast(x: jax.Array, dtype: Any, sharding: NamedSharding | None) -> jax.Array:
+    """``x.astype(dtype)`` of a weight `x`, cast in `sharding` (from :func:`compute_sharding`; None: a plain cast)
+    and then gathered for use (:func:`gathered_for_use`). Its gradient is returned in `x`'s dtype *before* it is
+    constrained to `sharding`, so the cross-device reduction of a float32 master weight's gradient can run in
+    float32 rather than in the compute dtype."""
+    if sharding is None or jnp.dtype(dtype) == x.dtype:
+        return x.astype(dtype)
+    return _sharded_cast(jnp.dtype(dtype), x.dtype, sharding, x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _sharded_cast(dtype, source_dtype, sharding, x):
+    return gathered_for_use(jax.lax.with_sharding_constraint(x.astype(dtype), sharding), sharding)
+
+
+def _sharded_cast_fwd(dtype, source_dtype, sharding, x):
+    return _sharded_cast(dtype, source_dtype, sharding, x), None
+
+
+def _sharded_cast_bwd(dtype, source_dtype, sharding, _, g):
+    return (jax.lax.with_sharding_constraint(g.astype(source_dtype), sharding),)
+
+
+_sharded_cast.defvjp(_sharded_cast_fwd, _sharded_cast_bwd)
 
 
 def divisible_pspec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:

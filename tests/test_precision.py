@@ -5,7 +5,9 @@ loss); the config checks and the mapping of saved configs; and float32 numbers u
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from idmr_jax import sharding as shd
 from idmr_jax.config_checks import check_config
 from idmr_jax.losses.contrastive import global_infonce, infonce_dense
 from idmr_jax.models import efficientnet as E
+from idmr_jax.models import layers as L
 from idmr_jax.models.crm import ContextualReasoningModule
 from idmr_jax.models.decoder_lm import DecoderLM
 from idmr_jax.models.layers import Dense
@@ -319,6 +322,66 @@ def test_loss_gathers_bf16_features_and_computes_float32_logits(chunked):
     # float32 products of the bf16 values, accumulated in float32: the dense float32 loss on the same values.
     f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
     np.testing.assert_allclose(float(value), float(infonce_dense(f32(q), f32(t), 0.07)), rtol=1e-6)
+
+
+def _hlo_collectives(hlo: str, op: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(element type, shape) of every array `op` (e.g. "all-gather") returns in compiled HLO text, tuples
+    (combined collectives) included."""
+    results = re.findall(rf"= (\(.*?\)|\S+) {op}(?:-start)?\(", hlo)
+    arrays = [a for r in results for a in re.findall(r"(\w+)\[([\d,]*)\]", r)]
+    return [(dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in arrays]
+
+
+class _FusedAndDense(nnx.Module):
+    """A fused Q/K pair and a wide MLP-like Dense over an fsdp-sharded "embed" input axis."""
+
+    def __init__(self, dtype, rngs: nnx.Rngs):
+        dense = lambda out, out_axes: Dense(32, out, in_axes=("embed",), out_axes=out_axes,  # noqa: E731
+                                            dtype=dtype, rngs=rngs)
+        self.q, self.k, self.up = dense((2, 8), ("heads", "kv")), dense((2, 8), ("heads", "kv")), dense(64, ("mlp",))
+
+    def __call__(self, x):
+        q, k = L.fused_dense((self.q, self.k), x)
+        return jnp.sum(q * k, axis=(-2, -1)) + jnp.sum(self.up(x), axis=-1)
+
+
+def test_fsdp_weights_are_gathered_in_bf16_with_float32_gradients():
+    """Under bf16 a float32 master weight sharded over fsdp is cast shard by shard and all-gathered in bf16 (no full
+    float32 copy), its gradient is reduced in float32, and loss and gradients are those of the unconstrained step."""
+    mesh = make_mesh({"data": 2, "fsdp": 4, "model": 1})
+    rules = shd.DEFAULT_RULES
+    x = jax.device_put(jax.random.normal(jax.random.key(0), (8, 3, 32)), NamedSharding(mesh, P(("data", "fsdp"))))
+    cot = jax.random.normal(jax.random.key(1), (8, 3))
+
+    def run(dtype, constrained: bool):
+        model = _FusedAndDense(dtype, nnx.Rngs(0))
+        graphdef, params = nnx.split(model)
+        params = jax.device_put(params, shd.state_shardings(params, mesh, rules))
+        loss = lambda p, x: jnp.sum(cot * nnx.merge(graphdef, p)(x).astype(F32))  # noqa: E731
+        with shd.axis_rules(mesh, rules) if constrained else contextlib.nullcontext():
+            step = jax.jit(jax.value_and_grad(loss))
+            hlo = step.lower(params, x).compile().as_text()
+            jaxpr = str(jax.make_jaxpr(step)(params, x))
+            value, grads = step(params, x)
+        return value, grads, hlo, jaxpr
+
+    value, grads, hlo, _ = run(BF16, constrained=True)
+    ref_value, ref_grads, ref_hlo, _ = run(BF16, constrained=False)
+    kernels = {(32, 2, 8), (32, 2, 2, 8), (32, 64)}  # whole kernels (the Q/K pair stacked at compute time)
+    gathered = [(t, shape) for t, shape in _hlo_collectives(hlo, "all-gather") if shape in kernels]
+    # 16 bits a value: bf16, or on CPU its uint16 bits (XLA:CPU would run a bf16 all-gather in float32).
+    assert gathered and {t for t, _ in gathered} == {"u16" if jax.default_backend() == "cpu" else "bf16"}, gathered
+    # Without the constraint XLA gathers the float32 master weights: what the constraint removes.
+    assert "f32" in {t for t, shape in _hlo_collectives(ref_hlo, "all-gather") if shape in kernels}
+    # The weight gradients cross devices in float32 (reduce-scatter, or all-reduce of the partial sums).
+    reduced = _hlo_collectives(hlo, "reduce-scatter") + _hlo_collectives(hlo, "all-reduce")
+    assert reduced and {t for t, shape in reduced if len(shape) > 1} == {"f32"}, reduced
+    assert {g.dtype for g in jax.tree.leaves(grads)} == {F32}
+    # Same bf16 products and float32 sums: equal up to the order of the float32 sums.
+    assert abs(float(value) - float(ref_value)) <= 1e-5 * abs(float(ref_value))
+    assert _rel(grads, ref_grads) < 1e-5
+    # Float32 compute: nothing added, the program of before.
+    assert run(F32, constrained=True)[3] == run(F32, constrained=False)[3]
 
 
 # ------------------------------------------------------------------------------------------------ config

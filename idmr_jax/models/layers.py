@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from idmr_jax.models.mixed_matmul import contraction_spec, matmul_accumulator, mixed_einsum, uses_mixed_matmul
+from idmr_jax.sharding import compute_sharding, sharded_cast
 
 Shape = int | Sequence[int]
 Axes = Sequence[str | None]
@@ -111,7 +112,8 @@ class Dense(nnx.Module):
             raise ValueError(f"Dense expects trailing dims {self.in_features}, got input {x.shape}")
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
-        y = _project(x, self.kernel[...], None if self.bias is None else self.bias[...], n_in, dtype, self.precision)
+        y = _project(x, self.kernel[...], None if self.bias is None else self.bias[...], n_in, dtype, self.precision,
+                     compute_sharding(self.kernel, dtype))
         return self.add_lora(y, x, deterministic=deterministic).astype(dtype)
 
     def _init_lora(self, lora, in_axes: Axes, out_axes: Axes, rngs: nnx.Rngs) -> None:
@@ -141,13 +143,15 @@ class Dense(nnx.Module):
         if self.lora_dropout is not None:
             x = self.lora_dropout(x, deterministic=deterministic)
         n_in, n_out = len(self.in_features), len(self.out_features)
+        a_sharding, b_sharding = compute_sharding(self.lora_a, dtype), compute_sharding(self.lora_b, dtype)
         if uses_mixed_matmul(dtype):  # as in _project: bf16 products with float32 accumulation, both passes
-            h = mixed_einsum(contraction_spec(x.ndim, n_in, 1), x, self.lora_a[...], dtype, self.precision)
-            y = mixed_einsum(contraction_spec(h.ndim, 1, n_out), h, self.lora_b[...], dtype, self.precision)
+            h = mixed_einsum(contraction_spec(x.ndim, n_in, 1), x, self.lora_a[...], dtype, self.precision, a_sharding)
+            y = mixed_einsum(contraction_spec(h.ndim, 1, n_out), h, self.lora_b[...], dtype, self.precision, b_sharding)
         else:
             contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-            h = jax.lax.dot_general(x, self.lora_a[...].astype(dtype), (contract, ((), ())), precision=self.precision)
-            y = jnp.tensordot(h, self.lora_b[...].astype(dtype), axes=1, precision=self.precision)
+            a, b = sharded_cast(self.lora_a[...], dtype, a_sharding), sharded_cast(self.lora_b[...], dtype, b_sharding)
+            h = jax.lax.dot_general(x, a, (contract, ((), ())), precision=self.precision)
+            y = jnp.tensordot(h, b, axes=1, precision=self.precision)
         return (y * jnp.asarray(self.lora.scale, y.dtype)).astype(out_dtype)
 
 
@@ -171,7 +175,7 @@ def fused_dense(denses: Sequence[Dense], x: jax.Array, *, deterministic: bool = 
     # Stacked in the parameter dtype: _project casts (on the mixed path a float32 kernel gets a float32 gradient).
     kernel = jnp.stack([d.kernel[...] for d in denses], axis=n_in)
     bias = None if first.bias is None else jnp.stack([d.bias[...] for d in denses])
-    y = _project(x, kernel, bias, n_in, dtype, first.precision)
+    y = _project(x, kernel, bias, n_in, dtype, first.precision, compute_sharding(first.kernel, dtype, stacked_at=n_in))
     stacked_axis = x.ndim - n_in
     outs = []
     for i, d in enumerate(denses):
@@ -181,15 +185,18 @@ def fused_dense(denses: Sequence[Dense], x: jax.Array, *, deterministic: bool = 
 
 
 def _project(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, n_in: int, dtype: DType,
-             precision: jax.lax.Precision | None) -> jax.Array:
+             precision: jax.lax.Precision | None, kernel_sharding: Any = None) -> jax.Array:
     """``x . kernel + bias`` (`x`'s last `n_in` dims against `kernel`'s first) in `dtype`, returned in
     :func:`matmul_accumulator`'s dtype (the caller rounds to `dtype` once, after any other addend). 16-bit on CPU:
-    :func:`mixed_einsum`, whose backward products also run in `dtype` with float32 accumulation."""
+    :func:`mixed_einsum`, whose backward products also run in `dtype` with float32 accumulation. The kernel's
+    `dtype` copy keeps `kernel_sharding` (``sharding.compute_sharding``: all-gathered in `dtype`, not float32)."""
     if uses_mixed_matmul(dtype):
-        y = mixed_einsum(contraction_spec(x.ndim, n_in, kernel.ndim - n_in), x, kernel, dtype, precision)
+        y = mixed_einsum(contraction_spec(x.ndim, n_in, kernel.ndim - n_in), x, kernel, dtype, precision,
+                         kernel_sharding)
     else:
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x, kernel.astype(dtype), (contract, ((), ())), precision=precision)
+        y = jax.lax.dot_general(x, sharded_cast(kernel, dtype, kernel_sharding), (contract, ((), ())),
+                                precision=precision)
     return y if bias is None else y + bias.astype(y.dtype)
 
 

@@ -27,6 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from idmr_jax.sharding import gathered_for_use
+
 DType = Any
 
 
@@ -55,43 +57,59 @@ def contraction_spec(ndim: int, n_in: int, n_out: int) -> str:
 
 
 def mixed_einsum(spec: str, a: jax.Array, b: jax.Array, dtype: DType,
-                 precision: jax.lax.Precision | None = None) -> jax.Array:
+                 precision: jax.lax.Precision | None = None, b_sharding: Any = None) -> jax.Array:
     """``einsum(spec, a, b)`` of `a` and `b` rounded to the 16-bit `dtype`, accumulated and returned in float32
     (the caller rounds once, after any addend). The gradients are computed the same way: the float32 cotangent is
     rounded to `dtype`, each backward product accumulates in float32 and is returned in its input's own dtype.
 
     `spec` is a two-operand einsum without repeated or operand-only (summed-out) indices, batch dimensions
-    leading in both operands and the output (see the module docstring)."""
+    leading in both operands and the output (see the module docstring).
+
+    `b_sharding` (a ``NamedSharding`` or None, see ``idmr_jax.sharding.compute_sharding``): the 16-bit copy of `b`
+    (a weight) keeps that sharding, so an fsdp-sharded float32 weight is cast shard by shard and all-gathered in
+    16 bits; its gradient is constrained to it in `b`'s own dtype (a float32 weight's gradient is reduced across
+    devices in float32)."""
     ins, out = spec.split("->")
     left, right = ins.split(",")
     for name, idx, others in ((left, left, right + out), (right, right, left + out), (out, out, left + right)):
         if len(set(idx)) != len(idx) or not set(idx) <= set(others):
             raise ValueError(f"mixed_einsum needs a matmul-like spec; {spec!r} repeats or sums out {name!r}")
-    return _mixed_einsum(spec, jnp.dtype(dtype), precision, jnp.dtype(a.dtype), jnp.dtype(b.dtype), a, b)
+    return _mixed_einsum(spec, jnp.dtype(dtype), precision, jnp.dtype(a.dtype), jnp.dtype(b.dtype), b_sharding, a, b)
 
 
 def _product(spec: str, a: jax.Array, b: jax.Array, precision) -> jax.Array:
     return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=jnp.float32)
 
 
+def _constrained(x: jax.Array, sharding) -> jax.Array:
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _for_use(b: jax.Array, sharding) -> jax.Array:
+    return b if sharding is None else gathered_for_use(b, sharding)
+
+
 # The primal dtypes travel as static arguments: the backward pass returns each gradient in its input's dtype.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _mixed_einsum(spec, dtype, precision, a_dtype, b_dtype, a, b):
-    return _product(spec, a.astype(dtype), b.astype(dtype), precision)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
+def _mixed_einsum(spec, dtype, precision, a_dtype, b_dtype, b_sharding, a, b):
+    a, b = a.astype(dtype), _constrained(b.astype(dtype), b_sharding)
+    return _product(spec, a, _for_use(b, b_sharding), precision)
 
 
-def _mixed_einsum_fwd(spec, dtype, precision, a_dtype, b_dtype, a, b):
-    a, b = a.astype(dtype), b.astype(dtype)  # the 16-bit copies are the residuals (half a float32 copy's memory)
-    return _product(spec, a, b, precision), (a, b)
+def _mixed_einsum_fwd(spec, dtype, precision, a_dtype, b_dtype, b_sharding, a, b):
+    # The 16-bit copies are the residuals (half a float32 copy's memory); b's in its own sharding, as it is stored
+    # (the backward gathers it again rather than keep a gathered copy from the forward to the backward pass).
+    a, b = a.astype(dtype), _constrained(b.astype(dtype), b_sharding)
+    return _product(spec, a, _for_use(b, b_sharding), precision), (a, b)
 
 
-def _mixed_einsum_bwd(spec, dtype, precision, a_dtype, b_dtype, residuals, g):
+def _mixed_einsum_bwd(spec, dtype, precision, a_dtype, b_dtype, b_sharding, residuals, g):
     a, b = residuals
     ins, out = spec.split("->")
     left, right = ins.split(",")
     g = g.astype(dtype)
-    da = _product(f"{out},{right}->{left}", g, b, precision).astype(a_dtype)
-    db = _product(f"{left},{out}->{right}", a, g, precision).astype(b_dtype)
+    da = _product(f"{out},{right}->{left}", g, _for_use(b, b_sharding), precision).astype(a_dtype)
+    db = _constrained(_product(f"{left},{out}->{right}", a, g, precision).astype(b_dtype), b_sharding)
     return da, db
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import time
 
 import jax
@@ -20,6 +21,27 @@ from etils import epath
 def is_local(path: str | os.PathLike) -> bool:
     """True for paths on the local filesystem, False for object-store URIs such as ``gs://bucket/x``."""
     return "://" not in os.fspath(path)
+
+
+def summary_writer_class():
+    """tensorboardX's ``SummaryWriter``, imported without importing PyTorch.
+
+    tensorboardX imports ``torch`` at module level whenever it is installed, only so that its histogram and image
+    calls accept torch tensors; here it writes float scalars. PyTorch is installed next to this package (the
+    reference ports and the baselines), and importing it took 1.2 s of every training start on an idle 2-core
+    machine (2.8 s under load). So, unless torch is imported already, ``import torch`` fails for the duration of
+    this import, which tensorboardX handles (torch tensors are then not special-cased, and none are passed).
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # a None entry makes `import torch` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class ReplacingFile:
@@ -101,8 +123,7 @@ class MetricWriter:
         workdir.mkdir(parents=True, exist_ok=True)
         jsonl = workdir / "metrics.jsonl"
         self._jsonl = jsonl.open("ab") if is_local(jsonl) else ReplacingFile(jsonl, keep_existing=True)
-        from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes summaries
-
+        SummaryWriter = summary_writer_class()  # imported lazily: only process 0 writes summaries  # noqa: N806
         _route_event_files(workdir)
         # Event files are named by the second they were created; the start step keeps a run that resumes within
         # the same second from replacing the previous run's file.

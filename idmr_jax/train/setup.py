@@ -1,7 +1,7 @@
 """From a task to a sharded train state: mesh, logical rules, optimiser and the state, built one way for everyone.
 
     mesh, rules  <- config.sharding (or a mesh given by the caller, e.g. a benchmark over fewer devices)
-    optimiser    <- config.optim over the trainable params of the abstract model (nnx.eval_shape: no memory)
+    optimiser    <- config.optim over the trainable params, read from the state's first (abstract) trace
     state        <- create_train_state: initialised directly in its sharded layout, RNG from config.seed
 
 The trainer (training and evaluation), the step benchmarks and the interactive retriever all start here, so a
@@ -46,14 +46,20 @@ def setup_state(task, *, total_steps: int, mesh: Mesh | None = None, abstract: b
     config = task.config
     mesh = mesh if mesh is not None else shd.mesh_from_config(config)
     rules = shd.rules_from_config(config)
+    built = {}
+
+    def make_optimizer(trainable: nnx.State) -> optax.GradientTransformation:
+        # Built once, from the first trace's params: their paths name the param groups, nothing else is read.
+        if not built:
+            built["optimizer"], built["schedules"] = optim.make_optimizer(config.optim, trainable, total_steps)
+        return built["optimizer"]
+
     with shd.axis_rules(mesh, rules):
-        _, abstract_trainable, _ = split_model(nnx.eval_shape(task.build_model), task.frozen_patterns)
-        optimizer, schedules = optim.make_optimizer(config.optim, abstract_trainable, total_steps)
         rng = jax.random.key_data(jax.random.key(config.seed))
         graphdef, state, state_shardings = create_train_state(
-            task.build_model, task.frozen_patterns, lambda _: optimizer, rng, mesh, rules, abstract=abstract)
+            task.build_model, task.frozen_patterns, make_optimizer, rng, mesh, rules, abstract=abstract)
     return Setup(mesh=mesh, rules=rules, graphdef=graphdef, state=state, state_shardings=state_shardings,
-                 optimizer=optimizer, schedules=schedules)
+                 optimizer=built["optimizer"], schedules=built["schedules"])
 
 
 def abstract_model_state(task, mesh: Mesh, rules) -> tuple[nnx.GraphDef, dict[str, Any]]:

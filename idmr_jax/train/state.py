@@ -63,17 +63,19 @@ def create_train_state(build_model: Callable[[], nnx.Module], frozen_patterns: S
     compile a step, and read its memory needs, before or instead of running it).
     """
 
+    graphdefs = []  # the model's static structure, kept from the first trace (tracing a constructor is not free)
+
     def init() -> TrainState:
         model = build_model()
-        _, params, frozen = split_model(model, frozen_patterns)
+        graphdef, params, frozen = split_model(model, frozen_patterns)
+        graphdefs.append(graphdef)
         opt_state = make_optimizer(params).init(params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=opt_state, rng=rng)
 
     shapes = jax.eval_shape(init)
     shardings = shd.state_shardings(shapes, mesh, rules)
     state = shd.abstract_arrays(shapes, mesh, rules) if abstract else jax.jit(init, out_shardings=shardings)()
-    graphdef, _, _ = split_model(nnx.eval_shape(build_model), frozen_patterns)
-    return graphdef, state, shardings
+    return graphdefs[0], state, shardings
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.GradientTransformation,

@@ -28,6 +28,7 @@ from idmr_jax.models import lora as lora_lib
 from idmr_jax.models import pooling
 from idmr_jax.models.decoder_lm import DecoderLMConfig
 from idmr_jax.models.efficientnet import EfficientNetEncoderConfig, EfficientNetLiteConfig
+from idmr_jax.models.init_keys import model_rngs
 from idmr_jax.models.llava import LlavaConfig, LlavaEmbedder, splice_image_features
 from idmr_jax.models.vision import vision_grid
 from idmr_jax.models.vit import vit_config
@@ -175,7 +176,7 @@ class IdmrTask:
     # ------------------------------------------------------------------ model
     def build_model(self) -> LlavaEmbedder:
         seed = self.config.seed
-        return LlavaEmbedder(self.model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+        return LlavaEmbedder(self.model_config, rngs=model_rngs(params=seed, dropout=seed + 1))
 
     def load_pretrained(self, state, mesh):
         """Packaged EfficientNet weights for the demo's vision tower; a transformers LLaVA with ``hf_llava``."""

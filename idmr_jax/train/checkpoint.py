@@ -16,15 +16,17 @@ a data state saved by a different number of processes: positions cannot be remap
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging as std_logging
 import os
 from typing import Any, Protocol
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
-from orbax.checkpoint._src.metadata import array_metadata_store  # not re-exported; Orbax's default handler uses it
 from etils import epath
+from orbax.checkpoint._src.metadata import array_metadata_store  # not re-exported; Orbax's default handler uses it
 
 from idmr_jax import runtime
 from idmr_jax.train import integrity, resume
@@ -118,12 +120,20 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 4 << 20
 
 
+@functools.cache  # once per process
 def use_replica_parallel_for_large_arrays_only() -> None:
-    """Registers Orbax's ``jax.Array`` handler (process-wide, idempotent) with replica-parallel saving kept for
-    per-replica slices of at least :data:`MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL` bytes; otherwise Orbax's default."""
-    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-        array_metadata_store=array_metadata_store.Store(),
-        min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL), override=True)
+    """Registers Orbax's ``jax.Array`` handler (process-wide) with replica-parallel saving kept for per-replica
+    slices of at least :data:`MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL` bytes; otherwise Orbax's default handler."""
+    handler = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
+                                             min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL)
+    # Orbax warns on every override of a registered type; this one is intended, so keep it off the terminal.
+    absl_logger = std_logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(std_logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logger.setLevel(level)
 
 
 class Checkpointer:

@@ -151,13 +151,19 @@ def compute_sharding(param: nnx.Variable, dtype: Any, *, stacked_at: int | None 
     if len(names) != len(shape):
         return None
     spec = divisible_pspec(logical_to_pspec(names, rules), shape, mesh)
-    if not any(mesh.shape[a] > 1 for a in _mesh_axes_of(spec)):
+    if not any(mesh.shape[a] > 1 for a in pspec_axes(spec)):
         return None
     return NamedSharding(mesh, spec)
 
 
-def _mesh_axes_of(spec: PartitionSpec) -> list[str]:
-    return [a for entry in spec for a in ((entry,) if isinstance(entry, str) else tuple(entry or ()))]
+def entry_axes(entry: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The mesh axis names of one ``PartitionSpec`` entry (a name, a tuple of names or None)."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def pspec_axes(spec: PartitionSpec) -> list[str]:
+    """Every mesh axis name that `spec` uses, in order."""
+    return [a for entry in spec for a in entry_axes(entry)]
 
 
 def gathered_for_use(x: jax.Array, sharding: NamedSharding) -> jax.Array:
@@ -166,7 +172,7 @@ def gathered_for_use(x: jax.Array, sharding: NamedSharding) -> jax.Array:
     gathered as its uint16 bits: XLA:CPU's float normalisation runs a bf16 all-gather in float32 (a full float32
     copy on every device, the cost this gather avoids); the bits, hence the values, are the same."""
     rules = (_ACTIVE.get() or (None, DEFAULT_RULES))[1]
-    batch_axes = set(_mesh_axes_of(logical_to_pspec(("batch",), rules)))
+    batch_axes = set(pspec_axes(logical_to_pspec(("batch",), rules)))
     spec = PartitionSpec(*(_drop_axes(entry, batch_axes) for entry in sharding.spec))
     target = NamedSharding(sharding.mesh, spec)
     bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}") if x.dtype.itemsize < 4 else None
@@ -179,7 +185,7 @@ def gathered_for_use(x: jax.Array, sharding: NamedSharding) -> jax.Array:
 
 
 def _drop_axes(entry, axes: set[str]):
-    kept = tuple(a for a in ((entry,) if isinstance(entry, str) else tuple(entry or ())) if a not in axes)
+    kept = tuple(a for a in entry_axes(entry) if a not in axes)
     return kept[0] if len(kept) == 1 else (kept or None)
 
 
@@ -213,7 +219,7 @@ def divisible_pspec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> Pa
     """Replicates every dimension whose size the assigned mesh axes do not divide (e.g. BERT's 30523 vocab)."""
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        names = entry_axes(axes)
         size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
         out.append(axes if dim % size == 0 else None)
     return PartitionSpec(*out)

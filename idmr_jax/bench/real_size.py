@@ -158,13 +158,6 @@ def real_size_config(args: argparse.Namespace):
 # Where the state's bytes are.
 
 
-def _mesh_axes(spec) -> set[str]:
-    out: set[str] = set()
-    for entry in spec:
-        out.update((entry,) if isinstance(entry, str) else tuple(entry or ()))
-    return out
-
-
 def sharding_report(state, mesh, rules, *, large_bytes: int = LARGE_BYTES) -> dict:
     """Total and per-device bytes of the train state's parts, and the tensors the rules fail to split.
 
@@ -195,7 +188,7 @@ def sharding_report(state, mesh, rules, *, large_bytes: int = LARGE_BYTES) -> di
             row["bytes"] += total
             row["per_device_bytes"] += local
             row["by_dtype"][str(value.dtype)] = row["by_dtype"].get(str(value.dtype), 0) + total
-            actual = _mesh_axes(getattr(value.sharding, "spec", None) or ())  # a single-device array: none
+            actual = set(shd.pspec_axes(getattr(value.sharding, "spec", None) or ()))  # a single-device array: none
             name = "/".join([part, jax.tree_util.keystr(path, simple=True, separator="/")])
             about = {"path": name, "shape": list(value.shape), "dtype": str(value.dtype), "bytes": total,
                      "logical": list(names) if names else None}
@@ -203,7 +196,7 @@ def sharding_report(state, mesh, rules, *, large_bytes: int = LARGE_BYTES) -> di
                 fsdp["count"] += 1
                 fsdp["bytes"] += total
                 fsdp["per_device_bytes"] += local
-            wanted = {a for a in _mesh_axes(shd.logical_to_pspec(names, rules)) if mesh.shape[a] > 1}
+            wanted = {a for a in shd.pspec_axes(shd.logical_to_pspec(names, rules)) if mesh.shape[a] > 1}
             if wanted - actual:
                 undivided.append({**about, "axes_dropped": sorted(wanted - actual)})
             if local == total and total >= large_bytes and mesh.size > 1:

@@ -69,7 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_probes=8, aggregator="transformer", num_layers=2, num_heads=4 if tiny else 8,
         ffn_dim=128 if tiny else 2048, dropout=0.0 if tiny else 0.1, head_hidden=64 if tiny else 512,
         beta="scalar", probes_trainable=True))
-    # Pretrained weights: format is one of "", hf_blip2, lavis_blip2, bert (Q-Former text path from BERT).
+    # Pretrained weights: format is one of "", hf_blip2, lavis_blip2, lavis_adafocal (the official AdaFocal
+    # checkpoint, CAAM included), bert (Q-Former text path from BERT).
     m.init = ml_collections.ConfigDict(dict(format="", path=""))
 
     if "baseline" in args or "roi" in args:

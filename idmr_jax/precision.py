@@ -48,7 +48,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import ml_collections
 
-from idmr_jax.tasks import task_name
+from idmr_jax.tasks import model_task_name
 
 POLICIES = ("float32", "bf16")
 DTYPES = ("float32", "bfloat16")  # what an override may name
@@ -74,9 +74,9 @@ def _overrides(config: ml_collections.ConfigDict) -> Mapping[str, str]:
 
 
 def _check_part(config: ml_collections.ConfigDict, part: str) -> None:
-    parts = PARTS[task_name(config)]
+    parts = PARTS[model_task_name(config)]
     if part not in parts:
-        raise ValueError(f"unknown precision part {part!r} for task {task_name(config)!r}; parts: {list(parts)}")
+        raise ValueError(f"unknown precision part {part!r} for task {model_task_name(config)!r}; parts: {list(parts)}")
 
 
 def compute_dtype(config: ml_collections.ConfigDict, part: str) -> jnp.dtype:
@@ -110,11 +110,11 @@ def check(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError for an unknown policy, part or dtype in ``config.precision`` / ``precision_overrides``."""
     if policy(config) not in POLICIES:
         raise ValueError(f"config.precision = {policy(config)!r}: use one of {list(POLICIES)}")
-    parts = PARTS[task_name(config)]
+    parts = PARTS[model_task_name(config)]
     for part, dtype in dict(_overrides(config)).items():
         if part not in parts:
             raise ValueError(f"config.precision_overrides has unknown part {part!r} for task "
-                             f"{task_name(config)!r}; parts: {list(parts)}")
+                             f"{model_task_name(config)!r}; parts: {list(parts)}")
         if dtype not in DTYPES:
             raise ValueError(f"config.precision_overrides.{part} = {dtype!r}: use one of {list(DTYPES)}")
 
@@ -133,7 +133,7 @@ def upgrade_legacy_config(config: ml_collections.ConfigDict) -> ml_collections.C
     if "precision" in config or "model" not in config:
         return config
     try:
-        legacy = _LEGACY_FIELDS[task_name(config)]
+        legacy = _LEGACY_FIELDS[model_task_name(config)]
     except ValueError:  # an unknown task: left for the caller's own check to report
         return config
     overrides = {}

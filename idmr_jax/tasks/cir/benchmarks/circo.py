@@ -165,7 +165,7 @@ def read_release(root: str, split: str) -> Release:
     return Release(NAME, split, images, queries, skips, sources, counts)
 
 
-def output_ranking(query: Query, ranked: Sequence[str], images: Sequence[Image]) -> list[str]:
+def output_ranking(query: Query, ranked: Sequence[str], images: Mapping[str, Image]) -> list[str]:
     """The top 50 as ranked, the reference kept: the official evaluation scores the ranking as submitted."""
     del query, images  # the keys are the COCO ids
     return list(ranked[:OUTPUT_TOP])

@@ -195,7 +195,7 @@ def read_release(root: str, split: str) -> Release:
     return Release(NAME, split, images, queries, image_skips + query_skips, sources, counts)
 
 
-def output_ranking(query: Query, ranked: Sequence[str], images: Sequence[Image]) -> list[str]:
+def output_ranking(query: Query, ranked: Sequence[str], images: Mapping[str, Image]) -> list[str]:
     """The top 51 as ranked (the reference is still in it: the metrics remove it, so 50 remain), then every
     img_set member not yet listed, in rank order, so that Rs@K can be computed from the written line alone."""
     del images  # CIRR's candidate ids are the keys (image names)

@@ -166,7 +166,8 @@ def _target_asin(query: Query) -> str:
 def compute_metrics(queries: Sequence[Query], rankings: Mapping[str, Sequence[str]]) -> dict[str, float]:
     """R@10 and R@50 per category and their plain mean over the categories with queries (CLIP4Cir validate.py
     main), in percent: ``fashioniq/<cat>/R@K``, ``fashioniq/avg/R@K``. Unlabelled queries are ignored; a labelled
-    query without a ranking, or with an ASIN twice in it, is a ValueError naming it."""
+    query without a ranking, with an ASIN twice in it, or whose target is missing from a ranking shorter than 50
+    (so the whole gallery lacks it), is a ValueError naming it."""
     hits: dict[str, dict[int, int]] = {}
     totals: dict[str, int] = {}
     for query in queries:
@@ -176,6 +177,9 @@ def compute_metrics(queries: Sequence[Query], rankings: Mapping[str, Sequence[st
         if len(set(ranking)) != len(ranking):
             raise ValueError(f"{NAME}: query {query.query_id!r} ranks an image twice")
         target = _target_asin(query)
+        if target not in ranking and len(ranking) < TOP_K:
+            raise ValueError(f"{NAME}: query {query.query_id!r}: target {target!r} is not in its ranking of "
+                             f"{len(ranking)} images (the whole gallery or the top {TOP_K})")
         counts = hits.setdefault(query.group, dict.fromkeys(RECALL_AT, 0))
         totals[query.group] = totals.get(query.group, 0) + 1
         for k in RECALL_AT:

@@ -345,6 +345,7 @@ def _params(state) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 def test_weights_from_a_training_workdir_and_from_the_official_adafocal_format(tmp_path):
+    import jax
     from safetensors.numpy import save_file
 
     from configs import cir_eval, oacir
@@ -356,12 +357,16 @@ def test_weights_from_a_training_workdir_and_from_the_official_adafocal_format(t
 
     from idmr_jax.weights.mapping import flatten_params, unstack_from_model
 
-    # A "trained" tiny AdaFocal with a Q-Former of 2 layers (the cir tiny default has 4), the official CRM's head
-    # count and FFN width (the official format has no other), and a seed of its own.
+    # A "trained" tiny AdaFocal: a Q-Former of 2 layers (the cir tiny default has 4), the official CRM's head count
+    # and FFN width (the official format has no other), every trained weight moved away from its init (the seed, and
+    # so the compiled init program, is the one the evaluations below start from; the frozen ViT stays as it is:
+    # LAVIS has no key bias, so the official format could not hold a moved one).
     trained_config = oacir.get_config("tiny")
-    trained_config.seed, trained_config.model.qformer.num_layers = 5, 2
+    trained_config.model.qformer.num_layers = 2
     trained_config.model.caam.num_heads, trained_config.model.caam.ffn_dim = 8, 2048
     trained = setup_state(tasks.build(trained_config), total_steps=1)
+    moved = jax.tree.map(lambda x: x + 0.5, trained.state.params)
+    trained = dataclasses.replace(trained, state=trained.state.replace(params=moved))
     want = _params(trained.state)
     saver = Checkpointer(tmp_path / "train", async_save=False)
     saver.save(7, trained.state, None, config_to_json(trained_config))
@@ -392,6 +397,25 @@ def test_weights_from_a_training_workdir_and_from_the_official_adafocal_format(t
     for k in want:
         if not k.startswith("blip2/itm_head"):  # no official counterpart: stays at its init
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+    # init.format=hf_blip2: a transformers Blip2ForImageTextRetrieval folder fills the BLIP-2 part.
+    import torch
+    import transformers
+
+    from idmr_jax.weights.blip2 import convert as blip2_convert
+    from idmr_jax.weights.blip2.names import hf_blip2_config
+
+    torch.manual_seed(0)
+    hf = transformers.Blip2ForImageTextRetrieval(hf_blip2_config(task.model_config.blip2)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    config.model.init.format, config.model.init.path = "hf_blip2", str(tmp_path / "hf")
+    task = tasks.build(config)
+    got = _params(task.load_pretrained(setup_state(task, total_steps=1).state, None))
+    sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+    converted = blip2_convert.hf_blip2_params(sd, task.model_config.blip2, source="hf")
+    assert converted  # every converted tensor is in the model, with the checkpoint's values
+    for k, v in converted.items():
+        np.testing.assert_array_equal(got[f"blip2/{k}"], v, err_msg=k)
 
 
 def test_tfds_builders_read_the_release_like_the_converter(tmp_path):

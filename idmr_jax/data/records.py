@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -66,6 +67,24 @@ def text(field: str, v: Any, *, allow_empty: bool = False) -> str:
     if not allow_empty and not v.strip():
         raise RecordError(field, "empty string")
     return v
+
+
+def text_list(field: str, v: Any) -> tuple[str, ...]:
+    """A list of non-empty strs (e.g. image keys or ids), as a tuple; `RecordError` names the bad entry."""
+    if not isinstance(v, (list, tuple)):
+        raise RecordError(field, f"expected a list of strings, got {type(v).__name__}")
+    return tuple(text(f"{field}[{i}]", x) for i, x in enumerate(v))
+
+
+def json_object_text(field: str, v: Any) -> str:
+    """A str holding a JSON object (a record's free-form ``extra`` metadata)."""
+    s = text(field, v)
+    try:
+        if not isinstance(json.loads(s), dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        raise RecordError(field, f"expected a JSON object: {e}") from None
+    return s
 
 
 def integer(field: str, v: Any, *, minimum: int = 0) -> int:

@@ -33,6 +33,8 @@ from typing import Any
 
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from idmr_jax.data import image_files
+
 # group_size:1 makes every record its own chunk: Grain reads records at random, and a larger group would
 # decompress whole groups per lookup. No compression: records are dominated by already-compressed image bytes.
 # max_parallelism:1 keeps the writer from spawning threads inside worker processes (parallelism is per shard).
@@ -271,3 +273,37 @@ def map_parallel(fn: Callable[[Any], Any], items: Sequence[Any], pool: Any = Non
     if pool is not None:
         return pool.map(fn, items)
     return [fn(x) for x in items]
+
+
+# --- what the converters share besides the shard writer ------------------------------------------------------------
+
+
+def _probe_chunk(args: tuple[list[str], str, image_files.ReadRules]) -> list[dict]:
+    paths, root, rules = args
+    return [image_files.probe_image(p, root, rules) for p in paths]
+
+
+def probe_image_files(paths: Sequence[str], root: str, rules: image_files.ReadRules, pool: Any = None,
+                      chunk: int = 256) -> list[dict]:
+    """`image_files.probe_image` of every path (read under `rules`, fully decoded), in chunks over `pool`'s
+    processes (`process_pool`; None = this process); results in path order."""
+    chunks = [list(paths[i:i + chunk]) for i in range(0, len(paths), chunk)]
+    return [p for done in map_parallel(_probe_chunk, [(c, root, rules) for c in chunks], pool) for p in done]
+
+
+def report_skips(skips: Sequence[Skip], *, strict: bool) -> None:
+    """Under `strict`, a `ConversionError` listing every skip by file, record and field; otherwise one warning each
+    (the manifest lists them too)."""
+    if strict and skips:
+        lines = "\n".join(s.describe() for s in skips)
+        raise ConversionError(f"--strict: {len(skips)} bad input entr{'y' if len(skips) == 1 else 'ies'}:\n{lines}")
+    for s in skips:
+        logging.warning("skipped: %s", s.describe())
+
+
+def open_shard_state(out_dir: str | os.PathLike, identity: dict[str, Any]) -> ShardState:
+    """`ShardState` for `out_dir`, its refusal (another conversion's state) as a `ConversionError`."""
+    try:
+        return ShardState(out_dir, identity)
+    except RuntimeError as e:
+        raise ConversionError(str(e)) from e

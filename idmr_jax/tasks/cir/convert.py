@@ -40,9 +40,9 @@ from collections.abc import Iterator
 from PIL import Image as PILImage
 
 from idmr_jax.data import image_files
-from idmr_jax.data.shards import (WRITER_OPTIONS, ConversionError, ShardPlan, ShardState, Skip,
-                                  check_manifest_owner, json_digest, map_parallel, process_pool, shard_name,
-                                  split_contiguous, write_json_atomic, write_shards)
+from idmr_jax.data.shards import (WRITER_OPTIONS, ConversionError, ShardPlan, Skip, check_manifest_owner,
+                                  json_digest, open_shard_state, probe_image_files, process_pool, report_skips,
+                                  shard_name, split_contiguous, write_json_atomic, write_shards)
 from idmr_jax.tasks.cir import benchmarks, records
 from idmr_jax.tasks.cir.benchmarks.base import Image, Query, Release
 
@@ -74,18 +74,12 @@ def crop_to_square(data: bytes, crop: tuple[float, float, float, float]) -> tupl
     return buf.getvalue(), (float(x1), float(y1), float(x2), float(y2))
 
 
-def _probe(args: tuple[list[str], str, image_files.ReadRules]) -> list[dict]:
-    paths, root, rules = args
-    return [image_files.probe_image(p, root, rules) for p in paths]
-
-
 def usable_release(release: Release, root: str, rules: image_files.ReadRules, pool=None) -> tuple[
         list[Image], list[Query], list[Skip], dict[str, dict]]:
     """The release's images whose files pass the read rules and decode, and the queries all of whose images are
     usable; -> (images, queries, skips of this step, probe results by key)."""
     paths = [img.path if os.path.isabs(img.path) else os.path.join(root, img.path) for img in release.images]
-    chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]
-    probes = [p for chunk in map_parallel(_probe, [(c, root, rules) for c in chunks], pool) for p in chunk]
+    probes = probe_image_files(paths, root, rules, pool)
     images, skips, probed = [], [], {}
     for index, (img, path, probe) in enumerate(zip(release.images, paths, probes)):
         rel = os.path.relpath(path, root)
@@ -169,17 +163,9 @@ def convert(benchmark: str, root: str, split: str, out: str, *, strict: bool = F
     with process_pool(workers) as pool:
         images, queries, own_skips, probed = usable_release(release, root, rules, pool)
         skips = list(release.skips) + own_skips
-        if strict and skips:
-            lines = "\n".join(s.describe() for s in skips)
-            raise ConversionError(f"--strict: {len(skips)} bad input entr{'y' if len(skips) == 1 else 'ies'}:\n"
-                                  f"{lines}")
-        for s in skips:
-            logging.warning("skipped: %s", s.describe())
+        report_skips(skips, strict=strict)
         os.makedirs(out, exist_ok=True)
-        try:
-            state = ShardState(out, {"tool": TOOL_NAME, "benchmark": benchmark, "split": split})
-        except RuntimeError as e:
-            raise ConversionError(str(e)) from e
+        state = open_shard_state(out, {"tool": TOOL_NAME, "benchmark": benchmark, "split": split})
         image_items = [dict(key=img.key, image_id=img.image_id, group=img.group, path=img.path,
                             crop=None if img.crop is None else list(img.crop), size=probed[img.key]["size"],
                             mtime_ns=probed[img.key]["mtime_ns"], width=probed[img.key]["width"],

@@ -41,7 +41,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from idmr_jax.data import records as codec
-from idmr_jax.data.records import Box, RecordError, Size, finite_number, integer, nonempty_bytes, size, text
+from idmr_jax.data.records import (Box, RecordError, Size, finite_number, integer, json_object_text, nonempty_bytes,
+                                   size, text, text_list)
 
 SCHEMA_VERSION = 1
 IMAGE_KIND = "image"
@@ -88,12 +89,6 @@ class QueryRecord:
         return json.loads(self.extra)
 
 
-def _keys(field: str, v: Any) -> tuple[str, ...]:
-    if not isinstance(v, (list, tuple)):
-        raise RecordError(field, f"expected a list of strings, got {type(v).__name__}")
-    return tuple(text(f"{field}[{i}]", x) for i, x in enumerate(v))
-
-
 def _crop(field: str, v: Any) -> Box | None:
     if v is None:
         return None
@@ -103,16 +98,6 @@ def _crop(field: str, v: Any) -> Box | None:
     if not (box[0] < box[2] and box[1] < box[3]):
         raise RecordError(field, f"empty region {list(box)}")
     return box
-
-
-def _extra(field: str, v: Any) -> str:
-    s = text(field, v)
-    try:
-        if not isinstance(json.loads(s), dict):
-            raise ValueError("not an object")
-    except ValueError as e:
-        raise RecordError(field, f"expected a JSON object: {e}") from None
-    return s
 
 
 def _image(m: Mapping[str, Any]) -> ImageRecord:
@@ -127,9 +112,9 @@ def _query(m: Mapping[str, Any]) -> QueryRecord:
     return QueryRecord(
         query_id=text("query_id", m["query_id"]), text=text("text", m["text"]),
         reference=text("reference", m["reference"]), reference_index=integer("reference_index", m["reference_index"]),
-        targets=_keys("targets", m["targets"]), group=text("group", m["group"], allow_empty=True),
-        candidates=None if cands is None else _keys("candidates", cands), subset=_keys("subset", m["subset"]),
-        extra=_extra("extra", m["extra"]), source_index=integer("source_index", m["source_index"]),
+        targets=text_list("targets", m["targets"]), group=text("group", m["group"], allow_empty=True),
+        candidates=None if cands is None else text_list("candidates", cands), subset=text_list("subset", m["subset"]),
+        extra=json_object_text("extra", m["extra"]), source_index=integer("source_index", m["source_index"]),
         benchmark=text("benchmark", m["benchmark"]), split=text("split", m["split"]))
 
 

@@ -46,9 +46,9 @@ import os
 from collections.abc import Iterator, Sequence
 
 from idmr_jax.data import image_files
-from idmr_jax.data.shards import (WRITER_OPTIONS, ConversionError, ShardPlan, ShardState, Skip, check_manifest_owner,
-                                  file_sha256, json_digest, map_parallel, process_pool, shard_name, split_contiguous,
-                                  write_json_atomic, write_shards)
+from idmr_jax.data.shards import (WRITER_OPTIONS, ConversionError, ShardPlan, Skip, check_manifest_owner,
+                                  file_sha256, json_digest, open_shard_state, probe_image_files, process_pool,
+                                  report_skips, shard_name, split_contiguous, write_json_atomic, write_shards)
 from idmr_jax.tasks.universal import mbeir, records
 from idmr_jax.tasks.universal.mbeir import Candidate, Query
 
@@ -61,18 +61,12 @@ POOL_MODES = ("local", "global")
 __all__ = ["MANIFEST", "POOL_MODES", "TOOL_NAME", "ConversionError", "convert"]
 
 
-def _probe(args: tuple[list[str], str, image_files.ReadRules]) -> list[dict]:
-    paths, root, rules = args
-    return [image_files.probe_image(p, root, rules) for p in paths]
-
-
 def _usable_images(items: list, ident: str, root: str, rules: image_files.ReadRules, pool) -> tuple[
         list, dict[str, dict], list[Skip]]:
     """The items whose image (if any) passes the read rules and decodes -> (items, probe by id, skips)."""
     with_image = [item for item in items if item.image_path is not None]
     paths = [os.path.join(root, item.image_path) for item in with_image]
-    chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]
-    probes = [p for chunk in map_parallel(_probe, [(c, root, rules) for c in chunks], pool) for p in chunk]
+    probes = probe_image_files(paths, root, rules, pool)
     probed, skips = {}, []
     for item, probe in zip(with_image, probes):
         if probe["error"] is None:
@@ -234,17 +228,9 @@ def convert(root: str, split: str, out: str, *, keys: Sequence[str] | None = Non
         linked, link_skips = _link_queries(queries, qrels, usable, {c.did for c in merged} - set(usable))
         linked, query_probes, query_skips = _usable_images(linked, "qid", root, rules, procs)
         skips += merge_skips + cand_skips + link_skips + query_skips
-        if strict and skips:
-            lines = "\n".join(s.describe() for s in skips)
-            raise ConversionError(f"--strict: {len(skips)} bad input entr{'y' if len(skips) == 1 else 'ies'}:\n"
-                                  f"{lines}")
-        for s in skips:
-            logging.warning("skipped: %s", s.describe())
+        report_skips(skips, strict=strict)
         os.makedirs(out, exist_ok=True)
-        try:
-            state = ShardState(out, {"tool": TOOL_NAME, "split": split, "pool": pool, "keys": list(keys)})
-        except RuntimeError as e:
-            raise ConversionError(str(e)) from e
+        state = open_shard_state(out, {"tool": TOOL_NAME, "split": split, "pool": pool, "keys": list(keys)})
         modality_of_did = {c.did: c.modality for c in candidates}
         query_items = [dict(
             qid=q.qid, text=q.text, modality=q.modality, task_id=q.task_id, dataset_id=q.dataset_id,

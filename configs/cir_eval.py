@@ -23,25 +23,12 @@ Every other field is the family config's (``configs/oacir.py`` / ``configs/idmr.
 ``model.vision`` or ``data.tokenizer``; ``cir.model_name`` names the table's row.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-from idmr_jax.config_args import parse_config_args
+from idmr_jax.config_args import parse_config_args, sibling_config
 
 BENCHMARKS = ("cirr", "circo", "fashioniq", "genecis")
-BERT_VOCAB = 30522  # the bundled all-MiniLM-L6-v2 WordPiece vocab (configs/idmr.py)
 FAMILY_CONFIGS = {"qformer": "oacir.py", "mllm": "idmr.py"}
-
-
-def _family_config(family: str, arg: str) -> ml_collections.ConfigDict:
-    # Loaded by path: ml_collections loads this file by path too, so configs/ need not be importable.
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), FAMILY_CONFIGS[family])
-    spec = importlib.util.spec_from_file_location(f"_cir_family_{family}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -54,7 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if family not in FAMILY_CONFIGS:
         raise ValueError(f"family={family}: choose from {sorted(FAMILY_CONFIGS)}")
     tiny = "tiny" in args
-    c = _family_config(family, "tiny" if tiny else "")
+    family_file = sibling_config(__file__, FAMILY_CONFIGS[family])
+    c = family_file.get_config("tiny" if tiny else "")
     c.task = "cir"
     c.mode = "eval"
     c.data.source = "arrayrecord"
@@ -68,9 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         if family == "mllm":
             # Real text through the bundled BERT WordPiece vocab (the tiny training config uses synthetic ids),
             # the image token appended after it, and room for the instructions (tiny image: 16 tokens).
-            c.data.tokenizer, c.data.bos_id, c.data.eos_id, c.data.pad_id = "", 101, 102, 0
-            c.model.text.vocab_size = BERT_VOCAB + 1
-            c.model.image_token_id = BERT_VOCAB
+            family_file.bert_prompts(c, family_file.BERT_VOCAB + 1)
             c.data.max_len = 96
     c.cir = ml_collections.ConfigDict(dict(
         family=family,

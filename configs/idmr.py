@@ -157,7 +157,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
-def _bert_prompts(c: ml_collections.ConfigDict, vocab: int) -> None:
+def bert_prompts(c: ml_collections.ConfigDict, vocab: int) -> None:
     """Prompts tokenised with the bundled BERT WordPiece vocab: [CLS] ... [SEP], image token appended."""
     c.data.tokenizer = ""
     c.data.bos_id, c.data.eos_id, c.data.pad_id = 101, 102, 0
@@ -183,7 +183,7 @@ def _tiny_overrides(c: ml_collections.ConfigDict) -> None:
     m.vision.update(dict(kind="vit", variant="clip-tiny", image_size=56, scan=False))
     m.text.update(dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                        initializer_range=0.1))
-    _bert_prompts(c, 64)
+    bert_prompts(c, 64)
     d.bos_id, d.eos_id = 1, 2  # synthetic token ids: specials inside the tiny vocabulary
     m.freeze_vision = False
     d.image_size, d.max_len, d.batch_size, d.num_workers = 56, 32, 16, 0
@@ -211,7 +211,7 @@ def _demo_overrides(c: ml_collections.ConfigDict) -> None:
     m.vision.update(dict(kind="efficientnet", feature_stride=32, variant="", image_size=224, scan=False))
     m.text.update(dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
                        initializer_range=0.02))
-    _bert_prompts(c, BERT_VOCAB + 1)
+    bert_prompts(c, BERT_VOCAB + 1)
     m.freeze_vision = True
     d.source = "demo"
     d.image_size, d.max_len, d.candidate_max_len, d.batch_size, d.num_workers = 224, 128, 64, 32, 0

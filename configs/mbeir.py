@@ -18,29 +18,16 @@ Every other field is configs/idmr.py's; ``data.prompt_set`` names a prompt-set J
 prompt_sets/default.json when empty).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-from idmr_jax.config_args import parse_config_args
-
-BERT_VOCAB = 30522  # the bundled all-MiniLM-L6-v2 WordPiece vocab (configs/idmr.py)
-
-
-def _idmr_config(arg: str) -> ml_collections.ConfigDict:
-    # Loaded by path: ml_collections loads this file by path too, so configs/ need not be importable.
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "idmr.py")
-    spec = importlib.util.spec_from_file_location("_mbeir_idmr", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+from idmr_jax.config_args import parse_config_args, sibling_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_config_args(arg, {"tiny"})
     tiny = "tiny" in args
-    c = _idmr_config("tiny" if tiny else "")
+    idmr = sibling_config(__file__, "idmr.py")
+    c = idmr.get_config("tiny" if tiny else "")
     c.task = "universal"
     c.mode = "eval"
     c.data.source = "arrayrecord"
@@ -50,8 +37,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.pool = "local"  # local | global (convert with --pool global for the union pool)
     if tiny:
         c.model.init.format = "random"
-        c.data.tokenizer, c.data.bos_id, c.data.eos_id, c.data.pad_id = "", 101, 102, 0
-        c.model.text.vocab_size = BERT_VOCAB + 1
-        c.model.image_token_id = BERT_VOCAB
+        idmr.bert_prompts(c, idmr.BERT_VOCAB + 1)  # real text through the bundled BERT vocab
         c.data.max_len = 96
     return c

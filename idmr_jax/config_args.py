@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Iterable
+from types import ModuleType
 
 
 def parse_config_args(arg: str | None, known: Iterable[str]) -> dict[str, str]:
@@ -19,3 +22,13 @@ def parse_config_args(arg: str | None, known: Iterable[str]) -> dict[str, str]:
     if unknown := set(out) - known:
         raise ValueError(f"unknown config keywords {sorted(unknown)}; known: {sorted(known)}")
     return out
+
+
+def sibling_config(config_file: str, name: str) -> ModuleType:
+    """The config file `name` (e.g. "idmr.py") next to `config_file`, loaded by path as ml_collections loads config
+    files, so that one config can build on another without ``configs/`` being importable."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+    spec = importlib.util.spec_from_file_location(f"_config_{os.path.splitext(name)[0]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -121,6 +121,11 @@ def flat_variables(state: nnx.State) -> dict[str, nnx.Variable]:
     return {"/".join(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
 
 
+# ``config.model.init.format`` for the model's own random initialisation, asked for by name (smoke runs, tests):
+# the families load nothing for it, and an evaluation accepts it instead of refusing to score random weights.
+RANDOM_INIT = "random"
+
+
 def write_into_state(train_state: TrainState, flat: Mapping[str, np.ndarray], *, source: str
                      ) -> tuple[TrainState, list[str]]:
     """Writes converted params (trainable or frozen, by flat path) into `train_state` on their existing shardings.

@@ -32,7 +32,7 @@ from idmr_jax.train import workdir as layout
 from idmr_jax.train.lock import WorkdirLock
 from idmr_jax.train.metric_writer import MetricWriter
 from idmr_jax.train.setup import setup_state
-from idmr_jax.train.state import batch_shardings, make_train_step
+from idmr_jax.train.state import RANDOM_INIT, batch_shardings, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -201,7 +201,8 @@ def evaluate_only(task: Task, workdir: str | epath.Path) -> dict:
     """Restores the latest intact checkpoint in `workdir` and evaluates it.
 
     Without a checkpoint it evaluates the task's initial weights (``config.model.init``, packaged weights), and
-    refuses when there are none: that would report the metrics of random weights. Fails before evaluating if
+    refuses when there are none, unless ``config.model.init.format`` is ``"random"`` (`state.RANDOM_INIT`): metrics
+    of random weights are only reported when asked for by name. Fails before evaluating if
     ``WORKDIR/eval/`` is not writable.
     """
     workdir = epath.Path(workdir)
@@ -222,7 +223,7 @@ def evaluate_only(task: Task, workdir: str | epath.Path) -> dict:
             state, step = restored
         else:
             initial = task.load_pretrained(state, mesh)
-            if initial is state:  # nothing was loaded (see Task.load_pretrained)
+            if initial is state and config.model.init.format != RANDOM_INIT:  # nothing loaded, none asked for
                 raise FileNotFoundError(
                     f"{workdir}: no finished checkpoint to evaluate, and config.model.init names no weights: that "
                     "would evaluate randomly initialised weights. Train first (--config.mode=train), point "

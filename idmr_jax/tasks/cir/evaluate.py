@@ -74,13 +74,25 @@ def _model_identity(config) -> dict:
                                                                    ("image_size", "pad_ratio", "tokenizer")}}
 
 
+def shard_digests(shards: list[str]) -> list[str]:
+    """The sha256 of each shard: from the folder's ``manifest.json`` (written by the converter, which hashed them),
+    so a real gallery's gigabytes are not read a second time just to name a cache entry; hashed here for a shard
+    the manifest does not list."""
+    listed = {}
+    manifest = epath.Path(shards[0]).parent / "manifest.json" if shards else None
+    if manifest is not None and manifest.exists():
+        for entries in json.loads(manifest.read_text()).get("shards", {}).values():
+            listed.update({e["file"]: e["sha256"] for e in entries})
+    return [listed.get(epath.Path(p).name) or hashlib.sha256(epath.Path(p).read_bytes()).hexdigest() for p in shards]
+
+
 def candidate_features(encoder, images: list[records.ImageRecord], shards: list[str], config, cache_dir) -> np.ndarray:
     """The encoder's features of every image, read from the on-disk cache when this model already encoded these
     shards (see the module docstring); ``config.cir.feature_cache == "none"`` turns the cache off."""
     if config.cir.feature_cache == "none":
         return encoder.candidates(images)
-    key = json.dumps({"shards": [hashlib.sha256(epath.Path(p).read_bytes()).hexdigest() for p in shards],
-                      "model": _model_identity(config)}, sort_keys=True, default=str)
+    key = json.dumps({"shards": shard_digests(shards), "model": _model_identity(config)}, sort_keys=True,
+                     default=str)
     path = epath.Path(cache_dir) / f"candidates-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
     if path.exists():
         logging.info("candidate features from %s", path)

@@ -63,7 +63,8 @@ def rank_queries(queries: Sequence[QueryRecord], images: Sequence[ImageRecord], 
         top = rank_gallery(query_feats[qis], image_feats[gallery], top=depth)
         for row, qi in zip(top, qis):
             keys = [images[gallery[j]].key for j in row]
-            extra = [k for k in dict.fromkeys(queries[qi].subset) if k not in set(keys)]
+            listed = set(keys)
+            extra = [k for k in dict.fromkeys(queries[qi].subset) if k not in listed]
             if extra:  # members below the cut, in their rank order (ties: lower image index first)
                 idx = np.array([index_of[k] for k in extra])
                 s = scores(query_feats[qi][None], image_feats[idx])[0]

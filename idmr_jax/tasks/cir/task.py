@@ -9,7 +9,8 @@ from ``config.model.init``:
                                             rebuilt from that run's saved config (so it always matches)
     format=lavis_adafocal | hf_blip2 | lavis_blip2 | hf_llava, path=...   a released checkpoint (the family's
                                             loader, `idmr_jax.tasks.oacir.pretrained`, `idmr_jax.tasks.idmr.task`)
-    format=random                           the family's random init, on purpose (the ``tiny`` smoke model)
+    format=random                           the family's random init, on purpose (the ``tiny`` smoke model;
+                                            `idmr_jax.train.state.RANDOM_INIT`)
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from etils import epath
 
 FAMILIES = {"qformer": "oacir", "mllm": "idmr"}  # config.cir.family -> the task that builds the model
 INIT_FROM_WORKDIR = "workdir"
-INIT_RANDOM = "random"
 
 
 def family_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -75,9 +75,6 @@ class CirTask:
     def load_pretrained(self, state, mesh):
         """The weights of ``config.model.init`` written into `state` (see the module docstring)."""
         init = self.config.model.init
-        if init.format == INIT_RANDOM:
-            # Asked for by name: a copy, so that the evaluation does not refuse "no weights were loaded".
-            return state.replace()
         if init.format == INIT_FROM_WORKDIR:
             from idmr_jax.train.state import write_into_state
             from idmr_jax.weights.workdir import restore

@@ -180,7 +180,7 @@ class IdmrTask:
 
     def load_pretrained(self, state, mesh):
         """Packaged EfficientNet weights for the demo's vision tower; a transformers LLaVA with ``hf_llava``."""
-        from idmr_jax.train.state import write_into_state
+        from idmr_jax.train.state import RANDOM_INIT, write_into_state
 
         flat = {}
         if isinstance(self.model_config.vision, EfficientNetEncoderConfig):
@@ -199,8 +199,8 @@ class IdmrTask:
             converted, _ = convert_state_dict(load_torch_state_dict(init.path, float_dtype=np.float32),
                                               self.model_config, source=init.path)
             flat.update(converted)
-        elif init.format:
-            raise ValueError(f"unknown config.model.init.format {init.format!r}; use hf_llava or ''")
+        elif init.format not in ("", RANDOM_INIT):
+            raise ValueError(f"unknown config.model.init.format {init.format!r}; use hf_llava, random or ''")
         if not flat:
             return state
         state, loaded = write_into_state(state, flat, source=init.format or "packaged weights")

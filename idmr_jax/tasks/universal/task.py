@@ -15,17 +15,10 @@ from etils import epath
 from idmr_jax.tasks.idmr import task as idmr_task
 
 BENCHMARKS = ("mbeir", "idmr")
-INIT_RANDOM = "random"
 
 
 class UniversalTask(idmr_task.IdmrTask):
     """The IDMR task's embedder with the universal evaluation; see the module docstring."""
-
-    def load_pretrained(self, state, mesh):
-        if self.config.model.init.format == INIT_RANDOM:
-            # Asked for by name: a copy, so that the evaluation does not refuse "no weights were loaded".
-            return state.replace()
-        return super().load_pretrained(state, mesh)
 
     def evaluate(self, model, workdir: epath.Path, step: int) -> dict:
         """M-BEIR (``config.eval.benchmark == "mbeir"``) or the IDMR evaluation."""

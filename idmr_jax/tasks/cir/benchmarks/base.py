@@ -39,7 +39,8 @@ from typing import Any
 
 from idmr_jax.data.shards import ConversionError, Skip
 
-__all__ = ["ConversionError", "Image", "ImageFolders", "Query", "Release", "Skip", "load_json", "require_ranking"]
+__all__ = ["ConversionError", "Image", "ImageFolders", "Query", "Release", "Skip", "group_recalls", "load_json",
+           "require_ranking"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +129,20 @@ def require_ranking(rankings: Mapping[str, Sequence[str]], query: Query, benchma
         return rankings[query.query_id]
     except KeyError:
         raise ValueError(f"{benchmark}: query {query.query_id!r} has no ranking") from None
+
+
+def group_recalls(benchmark: str, ranks: Mapping[str, Sequence[int | None]], ks: Sequence[int],
+                  order: Sequence[str], avg_ks: Sequence[int]) -> dict[str, float]:
+    """Recall@K in percent per group of queries: ``"<benchmark>/<group>/R@K"`` = the share of the group's queries
+    whose target rank (0-based; None = not in the ranking) is below K, groups in `order` first, then any other
+    sorted; and ``"<benchmark>/avg/R@K"`` for K in `avg_ks`, the plain mean over the groups."""
+    present = [g for g in order if g in ranks] + sorted(set(ranks) - set(order))
+    metrics = {f"{benchmark}/{g}/R@{k}": 100.0 * sum(r is not None and r < k for r in ranks[g]) / len(ranks[g])
+               for g in present for k in ks}
+    if present:
+        for k in avg_ks:
+            metrics[f"{benchmark}/avg/R@{k}"] = sum(metrics[f"{benchmark}/{g}/R@{k}"] for g in present) / len(present)
+    return metrics
 
 
 class ImageFolders:

@@ -30,8 +30,8 @@ import os
 from collections.abc import Mapping, Sequence
 
 from idmr_jax.data.shards import file_sha256
-from idmr_jax.tasks.cir.benchmarks.base import (ConversionError, Image, ImageFolders, Query, Release, Skip, load_json,
-                                                require_ranking)
+from idmr_jax.tasks.cir.benchmarks.base import (ConversionError, Image, ImageFolders, Query, Release, Skip,
+                                                group_recalls, load_json, require_ranking)
 
 NAME = "fashioniq"
 SPLITS = ("val", "test")
@@ -168,8 +168,7 @@ def compute_metrics(queries: Sequence[Query], rankings: Mapping[str, Sequence[st
     main), in percent: ``fashioniq/<cat>/R@K``, ``fashioniq/avg/R@K``. Unlabelled queries are ignored; a labelled
     query without a ranking, with an ASIN twice in it, or whose target is missing from a ranking shorter than 50
     (so the whole gallery lacks it), is a ValueError naming it."""
-    hits: dict[str, dict[int, int]] = {}
-    totals: dict[str, int] = {}
+    ranks: dict[str, list[int | None]] = {}
     for query in queries:
         if not query.targets:
             continue
@@ -180,19 +179,8 @@ def compute_metrics(queries: Sequence[Query], rankings: Mapping[str, Sequence[st
         if target not in ranking and len(ranking) < TOP_K:
             raise ValueError(f"{NAME}: query {query.query_id!r}: target {target!r} is not in its ranking of "
                              f"{len(ranking)} images (the whole gallery or the top {TOP_K})")
-        counts = hits.setdefault(query.group, dict.fromkeys(RECALL_AT, 0))
-        totals[query.group] = totals.get(query.group, 0) + 1
-        for k in RECALL_AT:
-            counts[k] += target in ranking[:k]
-    metrics: dict[str, float] = {}
-    present = [c for c in CATEGORIES if c in totals] + sorted(set(totals) - set(CATEGORIES))
-    for category in present:
-        for k in RECALL_AT:
-            metrics[f"{NAME}/{category}/R@{k}"] = 100.0 * hits[category][k] / totals[category]
-    if present:
-        for k in RECALL_AT:
-            metrics[f"{NAME}/avg/R@{k}"] = sum(metrics[f"{NAME}/{c}/R@{k}"] for c in present) / len(present)
-    return metrics
+        ranks.setdefault(query.group, []).append(ranking.index(target) if target in ranking else None)
+    return group_recalls(NAME, ranks, RECALL_AT, CATEGORIES, avg_ks=RECALL_AT)
 
 
 def submission_files(queries: Sequence[Query], rankings: Mapping[str, Sequence[str]]) -> dict[str, object]:

@@ -43,8 +43,8 @@ import os
 from collections.abc import Mapping, Sequence
 
 from idmr_jax.data.shards import file_sha256
-from idmr_jax.tasks.cir.benchmarks.base import (ConversionError, Image, ImageFolders, Query, Release, Skip, load_json,
-                                                require_ranking)
+from idmr_jax.tasks.cir.benchmarks.base import (ConversionError, Image, ImageFolders, Query, Release, Skip,
+                                                group_recalls, load_json, require_ranking)
 
 NAME = "genecis"
 SPLITS = ("val",)
@@ -214,25 +214,13 @@ def compute_metrics(queries: Sequence[Query], rankings: Mapping[str, Sequence[st
     """R@1, R@2, R@3 per task (eval_functions.validate / metric_utils.get_recall), in percent, over the queries
     the official loaders keep (`modal_queries`), and ``genecis/avg/R@1`` = the mean over the tasks with queries.
     A scored query without a ranking, or whose ranking lacks slot "0", is a ValueError naming it."""
-    hits: dict[str, dict[int, int]] = {}
-    totals: dict[str, int] = {}
+    ranks: dict[str, list[int | None]] = {}
     for query in modal_queries(queries):
         ranking = list(require_ranking(rankings, query, NAME))
         if TARGET_SLOT not in ranking:
             raise ValueError(f"{NAME}: query {query.query_id!r}: the target slot {TARGET_SLOT!r} is not in its ranking")
-        rank = ranking.index(TARGET_SLOT)
-        counts = hits.setdefault(query.group, dict.fromkeys(RECALL_AT, 0))
-        totals[query.group] = totals.get(query.group, 0) + 1
-        for k in RECALL_AT:
-            counts[k] += rank < k
-    metrics: dict[str, float] = {}
-    present = [t for t in TASKS if t in totals] + sorted(set(totals) - set(TASKS))
-    for task in present:
-        for k in RECALL_AT:
-            metrics[f"{NAME}/{task}/R@{k}"] = 100.0 * hits[task][k] / totals[task]
-    if present:
-        metrics[f"{NAME}/avg/R@1"] = sum(metrics[f"{NAME}/{t}/R@1"] for t in present) / len(present)
-    return metrics
+        ranks.setdefault(query.group, []).append(ranking.index(TARGET_SLOT))
+    return group_recalls(NAME, ranks, RECALL_AT, TASKS, avg_ks=(1,))
 
 
 def submission_files(queries: Sequence[Query], rankings: Mapping[str, Sequence[str]]) -> dict[str, object]:

@@ -72,6 +72,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- data
     d = c.data = ml_collections.ConfigDict()
     d.source = "arrayrecord"  # arrayrecord | fake | demo
+    # IDMR is the universal task (idmr_jax/tasks/universal) on IDMR's triplets: crop + caption -> full image.
+    # "pairs" reads any-modality training pairs instead (configs/instructcir.py, M-BEIR's train split).
+    d.format = "triplets"
+    d.prompt_set = ""  # pairs: a prompt-set JSON (idmr_jax/tasks/universal/prompt_sets/default.json when empty)
+    # pairs: image slots per device block and side (-1 = one per row; 0 = a text-only side, no vision tower)
+    d.image_slots = ml_collections.ConfigDict(dict(query=-1, cand=-1, hn=-1))
     d.train_dir = ""
     d.val_dir = ""
     d.train_glob = "train-*.array_record"
@@ -87,7 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.query_template = "<image>\n Find an image that contains this object in the described scene: {caption}"
     d.candidate_template = "<image>\n Represent the given image."
     d.query_crop = "same_image"  # same_image (IDMR's triplets) | other_image (partner image of the instance)
-    d.num_hard_negatives = 0  # hard-negative columns per query (fake source)
+    d.num_hard_negatives = 0  # hard-negative columns per query (the fake source, or pairs: see universal/pipeline)
     d.num_workers = 2
     d.shuffle_seed = 0
     d.fake_instances, d.fake_scenes, d.fake_scenes_per_instance = 16, 8, 2
@@ -126,6 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- evaluation
     e = c.eval = ml_collections.ConfigDict()
     e.at_end = True
+    e.benchmark = "idmr"  # idmr (instance retrieval on the val triplets) | mbeir | demo_cir
     e.batch_size = 64
     e.query_crop = "auto"  # auto | other_image | same_image (see idmr_jax.tasks.idmr.pipeline.build_eval_set)
     e.max_queries = 0

@@ -50,16 +50,23 @@ def main(argv):
     from idmr_jax.config_checks import check_config
     from idmr_jax.train import trainer
 
-    check_config(config)  # a batch size or mesh the devices cannot run fails here, before data or model exist
-    config = tasks.prepare_data(config)  # the demo's data is built (or reused) here, before the task
-    task = tasks.build(config)
-    logging.info("task %s, mode %s, workdir %s", config.task, config.mode, _WORKDIR.value)
-    if config.mode == "train":
-        results = trainer.train_and_evaluate(task, _WORKDIR.value)
-    elif config.mode == "eval":
-        results = trainer.evaluate_only(task, _WORKDIR.value)
-    else:
+    def run(config, workdir: str) -> dict:
+        check_config(config)  # a batch size or mesh the devices cannot run fails here, before data or model exist
+        config = tasks.prepare_data(config)  # the demo's data is built (or reused) here, before the task
+        task = tasks.build(config)
+        logging.info("task %s, mode %s, workdir %s", config.task, config.mode, workdir)
+        if config.mode == "train":
+            return trainer.train_and_evaluate(task, workdir)
+        if config.mode == "eval":
+            return trainer.evaluate_only(task, workdir)
         raise ValueError(f"unknown config.mode {config.mode!r}; use train or eval")
+
+    if config.get("stages"):  # a recipe in stages (idmr_jax/train/stages.py), e.g. configs/instructcir.py:demo
+        from idmr_jax.train import stages
+
+        results = stages.run_stages(config, _WORKDIR.value, run)
+    else:
+        results = run(config, _WORKDIR.value)
     if results:
         tasks.print_results(config, results)
 

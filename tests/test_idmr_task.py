@@ -171,7 +171,8 @@ def test_gradcache_loss_equals_plain_loss_with_hard_negatives():
     """The task's loss through GradCache (2 chunks over 8 devices) = without it, value and gradients; and both
     equal InfoNCE over the embeddings computed directly (in-batch + one hard-negative column per query). The
     vision tower is frozen, so its features are computed once outside GradCache (`embed_from_features`)."""
-    from idmr_jax.tasks.idmr.task import IdmrTask, embed_from_features
+    from idmr_jax.tasks.idmr.task import IdmrTask
+    from idmr_jax.tasks.universal.model import embed_from_features
     from idmr_jax.train.state import split_model
 
     cfg = _config("tiny")
@@ -214,7 +215,8 @@ def test_lora_dropout_in_scanned_layers_gradcache_matches_autodiff():
     """The IDMR recipe's path: scanned LM layers with LoRA (dropout 0.3) trained alone; the dropout key reseeds the
     stacked RNG state per chunk, identically in both GradCache passes (vs. the same chunks under plain autodiff)."""
     from idmr_jax.losses import gradcache
-    from idmr_jax.tasks.idmr.task import IdmrTask, _encode
+    from idmr_jax.tasks.idmr.task import IdmrTask
+    from idmr_jax.tasks.universal.model import encode_rows
 
     cfg = _config("tiny")
     cfg.model.text.scan = True
@@ -235,7 +237,7 @@ def test_lora_dropout_in_scanned_layers_gradcache_matches_autodiff():
     def loss_and_grad(p, key):
         def f(p, cache):
             m = nnx.merge(graphdef, p, jax.tree.map(lambda v: v, rest))
-            out = gradcache.nnx_cached_encode(m, _encode, x, key, chunk_size=4, trainable=task._trainable(),
+            out = gradcache.nnx_cached_encode(m, encode_rows, x, key, chunk_size=4, trainable=task._trainable(),
                                               cache=cache)
             return (out * w).sum()
 

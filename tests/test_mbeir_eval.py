@@ -66,7 +66,7 @@ def test_mbeir_metrics_are_recomputed_from_the_rankings(pool, tmp_path):
 
 def test_prompt_sets_are_data_and_checked(tmp_path):
     default = load_prompt_set()
-    assert json.loads(Path(DEFAULT).read_text())["query"] == default["query"]
+    assert {m: (t,) for m, t in json.loads(Path(DEFAULT).read_text())["query"].items()} == default["query"]
     broken = json.loads(Path(DEFAULT).read_text())
     broken["candidate"]["text"] = "<image> {text}"  # a text-only side cannot hold an image
     (tmp_path / "p.json").write_text(json.dumps(broken))

@@ -1,7 +1,7 @@
 """``python -m idmr_jax.bench SUITE [flags]``: runs one benchmark suite, prints its JSON and writes it to --out.
 
-Suites: train_step, mfu, retrieval, input, loss_memory, real_size (see each module's docstring for its flags, or
-``python -m idmr_jax.bench SUITE --help``).
+Suites: train_step, mfu, retrieval, input, loss_memory, real_size, mbeir_memory (see each module's docstring for
+its flags, or ``python -m idmr_jax.bench SUITE --help``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-SUITES = ("train_step", "mfu", "retrieval", "input", "loss_memory", "real_size")
+SUITES = ("train_step", "mfu", "retrieval", "input", "loss_memory", "real_size", "mbeir_memory")
 _MODULES = {"input": "input_pipeline"}  # `input` shadows a builtin as a module name
 
 

@@ -178,14 +178,18 @@ def check_worker_count(num_workers: int, num_shards: int, *, shards: str = "shar
                          f"({per_host} per host): lower config.data.num_workers or {remedy}")
 
 
-def batched_iterator(ds, plan: ProcessPlan, *, num_workers: int, read_threads: int = 2) -> CheckpointableIterator:
+def batched_iterator(ds, plan: ProcessPlan, *, num_workers: int, read_threads: int = 2,
+                     batch_map=None) -> CheckpointableIterator:
     """The shared tail of a training pipeline: `ds` (a per-example ``MapDataset``) read with `read_threads`
-    threads, batched into the plan's per-process batches (the last partial one dropped), optionally spread over
-    `num_workers` worker processes."""
+    threads, batched into the plan's per-process batches (the last partial one dropped), each batch passed through
+    `batch_map` (a ``grain.transforms.Map`` over whole batches) if given, optionally spread over `num_workers`
+    worker processes."""
     import grain
 
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(read_threads, 1), prefetch_buffer_size=64))
     it = it.batch(plan.local_batch, drop_remainder=True)
+    if batch_map is not None:
+        it = it.map(batch_map)
     if num_workers > 0:
         ensure_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

@@ -133,6 +133,24 @@ def splice_image_features(embeds: jax.Array, input_ids: jax.Array, image_token_i
     return jnp.where(ok, out, jnp.asarray(jnp.nan, out.dtype))
 
 
+def splice_row_features(embeds: jax.Array, input_ids: jax.Array, image_token_id: int, features: jax.Array,
+                        has_image: jax.Array) -> jax.Array:
+    """Row-local `splice_image_features` for a batch that mixes rows with and without an image.
+
+    ``features [B, N, D]`` are each row's own image features (anything for a row without an image): row r's k-th
+    image token receives ``features[r, k]``; rows without an image keep their token embeddings. Nothing crosses
+    rows, so a batch-sharded splice needs no communication. A row whose image-token count is not
+    ``has_image[r] * N`` becomes NaN (a prompt / image mismatch, as `splice_image_features` reports it).
+    """
+    n = features.shape[1]
+    is_image = input_ids == image_token_id
+    rank = jnp.cumsum(is_image, axis=1) - 1
+    gathered = jnp.take_along_axis(features.astype(embeds.dtype), jnp.clip(rank, 0, n - 1)[..., None], axis=1)
+    out = jnp.where(is_image[..., None], gathered, embeds)
+    ok = jnp.sum(is_image, axis=1) == jnp.where(jnp.asarray(has_image, bool), n, 0)
+    return jnp.where(ok[:, None, None], out, jnp.asarray(jnp.nan, out.dtype))
+
+
 def check_image_tokens(input_ids, image_token_id: int, num_images: int, tokens_per_image: int, *,
                        what: str = "batch") -> None:
     """Eagerly raises ``ValueError`` when the prompts' image tokens do not match the image features

@@ -26,6 +26,19 @@ Candidate record (``kind == "candidate"``, ``candidates-*.array_record``):
     source_index    int           its position in its source file
     extra           str           JSON object (M-BEIR: the pools it belongs to, src_content)
 
+Training pair (``kind == "pair"``, ``train-*.array_record``): one query with its positive and its hard negatives
+carried along (`idmr_jax.tasks.universal.pipeline` reads them; the converters of M-BEIR's train split and of
+InstructCIR's caption pairs and instruction triplets write them):
+
+    pair_id         str           unique id of the example (M-BEIR: the qid; InstructCIR: "<source>:<n>")
+    query           map           a side: ``{id, text, image, modality}`` as above (``id`` = the query's id)
+    instruction_set [str]         instructions to draw one from per example ([] = none)
+    task_id, dataset_id  int      as for a query (0 where the source has no such ids)
+    positive        map           the positive candidate (a side; ``id`` = its did)
+    negatives       [map]         hard-negative candidates (sides), each a negative of this query only
+    source_index    int           its position in its source file
+    extra           str           JSON object
+
 `decode_*` validate every field and raise `RecordError` naming the offending one; `encode_*` run the same checks.
 A change of the field set or of a field's meaning needs a bump of `SCHEMA_VERSION`.
 """
@@ -44,12 +57,14 @@ from idmr_jax.data.records import RecordError, integer, json_object_text, nonemp
 SCHEMA_VERSION = 1
 QUERY_KIND = "query"
 CANDIDATE_KIND = "candidate"
+PAIR_KIND = "pair"
 # Modality strings as M-BEIR writes them; each names which of (text, image) is present.
 MODALITIES = {"text": (True, False), "image": (False, True), "image,text": (True, True)}
 
-__all__ = ["CANDIDATE_KIND", "MODALITIES", "QUERY_KIND", "SCHEMA_VERSION", "CandidateRecord", "QueryRecord",
-           "RecordError", "decode_any", "decode_candidate", "decode_query", "encode_candidate", "encode_query",
-           "modality_of", "read_candidates", "read_queries"]
+__all__ = ["CANDIDATE_KIND", "MODALITIES", "PAIR_KIND", "QUERY_KIND", "SCHEMA_VERSION", "CandidateRecord",
+           "QueryRecord", "RecordError", "Side", "TrainingPair", "decode_any", "decode_candidate", "decode_pair",
+           "decode_query", "encode_candidate", "encode_pair", "encode_query", "modality_of", "read_candidates",
+           "read_pairs", "read_queries"]
 
 
 def modality_of(has_text: bool, has_image: bool) -> str:
@@ -99,6 +114,31 @@ class CandidateRecord:
         return json.loads(self.extra)
 
 
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """One side of a training pair: a query, its positive or a hard negative, of any modality."""
+
+    id: str
+    text: str | None
+    image: bytes | None
+    modality: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPair:
+    """A query, its positive and its hard negatives; see the module docstring."""
+
+    pair_id: str
+    query: Side
+    instruction_set: tuple[str, ...]
+    task_id: int
+    dataset_id: int
+    positive: Side
+    negatives: tuple[Side, ...]
+    source_index: int
+    extra: str
+
+
 def _sides(m: Mapping[str, Any]) -> tuple[str | None, bytes | None, str]:
     """(text, image, modality), checked against each other: the modality says exactly which are present."""
     modality = m["modality"]
@@ -138,8 +178,35 @@ def _candidate(m: Mapping[str, Any]) -> CandidateRecord:
                            extra=json_object_text("extra", m["extra"]))
 
 
+def _side(field: str, m: Any) -> Side:
+    """A side map, its errors named ``field.<key>`` (e.g. ``negatives[2].image``)."""
+    if not isinstance(m, Mapping):
+        raise RecordError(field, f"expected a map with id, text, image, modality, got {type(m).__name__}")
+    if missing := sorted({"id", "text", "image", "modality"} - set(m)):
+        raise RecordError(f"{field}.{missing[0]}", "missing")
+    try:
+        txt, image, modality = _sides(m)
+    except RecordError as e:
+        raise RecordError(f"{field}.{e.field}", str(e).split(": ", 1)[-1]) from None
+    return Side(id=text(f"{field}.id", m["id"]), text=txt, image=image, modality=modality)
+
+
+def _pair(m: Mapping[str, Any]) -> TrainingPair:
+    negatives = m["negatives"]
+    if not isinstance(negatives, (list, tuple)):
+        raise RecordError("negatives", f"expected a list of sides, got {type(negatives).__name__}")
+    return TrainingPair(pair_id=text("pair_id", m["pair_id"]), query=_side("query", m["query"]),
+                        instruction_set=text_list("instruction_set", m["instruction_set"]),
+                        task_id=integer("task_id", m["task_id"]), dataset_id=integer("dataset_id", m["dataset_id"]),
+                        positive=_side("positive", m["positive"]),
+                        negatives=tuple(_side(f"negatives[{i}]", n) for i, n in enumerate(negatives)),
+                        source_index=integer("source_index", m["source_index"]),
+                        extra=json_object_text("extra", m["extra"]))
+
+
 QUERY_SCHEMA = codec.Schema(QUERY_KIND, SCHEMA_VERSION, QueryRecord, _query)
 CANDIDATE_SCHEMA = codec.Schema(CANDIDATE_KIND, SCHEMA_VERSION, CandidateRecord, _candidate)
+PAIR_SCHEMA = codec.Schema(PAIR_KIND, SCHEMA_VERSION, TrainingPair, _pair)
 
 
 def encode_query(record: QueryRecord) -> bytes:
@@ -152,6 +219,16 @@ def encode_candidate(record: CandidateRecord) -> bytes:
     return codec.encode(CANDIDATE_SCHEMA, record)
 
 
+def encode_pair(record: TrainingPair) -> bytes:
+    """Validates and serialises a training pair."""
+    return codec.encode(PAIR_SCHEMA, record)
+
+
+def decode_pair(data: bytes) -> TrainingPair:
+    """Parses and validates one training pair; `RecordError` names the bad field (``negatives[1].text``)."""
+    return codec.decode(PAIR_SCHEMA, data)
+
+
 def decode_query(data: bytes) -> QueryRecord:
     """Parses and validates one query record; `RecordError` names the bad field."""
     return codec.decode(QUERY_SCHEMA, data)
@@ -162,9 +239,9 @@ def decode_candidate(data: bytes) -> CandidateRecord:
     return codec.decode(CANDIDATE_SCHEMA, data)
 
 
-def decode_any(data: bytes) -> QueryRecord | CandidateRecord:
-    """A query or candidate record, by its ``kind``."""
-    return codec.decode_any((QUERY_SCHEMA, CANDIDATE_SCHEMA), data)
+def decode_any(data: bytes) -> QueryRecord | CandidateRecord | TrainingPair:
+    """A query, candidate or training-pair record, by its ``kind``."""
+    return codec.decode_any((QUERY_SCHEMA, CANDIDATE_SCHEMA, PAIR_SCHEMA), data)
 
 
 def read_queries(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> list[QueryRecord]:
@@ -175,3 +252,8 @@ def read_queries(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> li
 def read_candidates(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> list[CandidateRecord]:
     """Every candidate record of the matching shards, in global key order."""
     return codec.read_shards(pattern, decode_candidate)
+
+
+def read_pairs(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> list[TrainingPair]:
+    """Every training pair of the matching shards, in global key order."""
+    return codec.read_shards(pattern, decode_pair)

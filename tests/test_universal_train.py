@@ -329,3 +329,16 @@ def test_text_rows_and_empty_slots_never_reach_the_vision_tower(pair_dir, monkey
     assert calls == [] and np.isfinite(float(value))
     vision = [np.asarray(g.get_value()) for path, g in nnx.to_flat_state(grads) if str(path[0]) == "vision"]
     assert vision and all(not g.any() for g in vision)
+
+
+def test_an_idmr_workdir_from_before_the_universal_task_resumes():
+    """A config saved before ``data.format`` / ``prompt_set`` / ``image_slots`` existed means IDMR triplets with a
+    slot per row: resuming it under today's configs/idmr.py changes nothing, training it on pairs does."""
+    from idmr_jax.train.resume import changed_fields
+
+    current = sibling_config(str(ROOT / "configs" / "idmr.py"), "idmr.py").get_config("tiny").to_dict()
+    saved = {**current, "data": {k: v for k, v in current["data"].items()
+                                 if k not in ("format", "prompt_set", "image_slots")}}
+    assert changed_fields(saved, current) == []
+    pairs_now = {**current, "data": {**current["data"], "format": "pairs"}}
+    assert changed_fields(saved, pairs_now) == [("data.format", "triplets", "pairs")]

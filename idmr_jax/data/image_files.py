@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import stat
 import warnings
 from typing import Any
@@ -148,8 +149,14 @@ def probe_bytes(data: bytes) -> dict[str, Any]:
                 out["width"], out["height"] = im.size
         out["error"] = None
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ... for broken files
-        out["error"] = f"image does not decode: {type(e).__name__}: {e}"
+        out["error"] = f"image does not decode: {type(e).__name__}: {_without_addresses(str(e))}"
     return out
+
+
+def _without_addresses(message: str) -> str:
+    """PIL's messages may name an object's address ("<_io.BytesIO object at 0x7f...>"): dropped, so that equal
+    inputs give equal skip reasons and manifests."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", message)
 
 
 def encode_jpeg(image: Image.Image) -> bytes:

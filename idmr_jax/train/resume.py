@@ -36,6 +36,15 @@ FREE_FIELDS = (
     "sharding.mesh",
 )
 
+# Fields added to configs after checkpoints were written, with the value a saved config without them meant; a field
+# absent from the saved config compares as this value (IDMR workdirs from before the universal task trained on
+# triplets, with one image slot per row).
+ADDED_FIELDS = {
+    "data.format": "triplets",
+    "data.prompt_set": "",
+    "data.image_slots.query": -1, "data.image_slots.cand": -1, "data.image_slots.hn": -1,
+}
+
 RESUME_MODES = ("check", "ignore_config", "fresh")
 
 
@@ -58,10 +67,11 @@ def _is_free(path: str) -> bool:
 
 def changed_fields(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     """``[(dotted path, old, new)]`` for every field of the JSON configs that differs and is not free to change
-    (a field missing on one side shows as ``<absent>``)."""
+    (a field missing on one side shows as ``<absent>``; one of `ADDED_FIELDS` missing from `old` as its value)."""
     # Through JSON, so tuples and lists (a ConfigDict's and a saved config's) compare equal.
     a, b = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
     absent = "<absent>"
+    a.update({k: v for k, v in ADDED_FIELDS.items() if k not in a and k in b})
     return [(k, a.get(k, absent), b.get(k, absent)) for k in sorted(a.keys() | b.keys())
             if not _is_free(k) and a.get(k, absent) != b.get(k, absent)]
 

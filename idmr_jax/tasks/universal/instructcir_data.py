@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import posixpath
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,7 +49,6 @@ MANIFEST = "manifest.json"
 RECORDS_PER_SHARD = 1000
 FORMATS = ("captions", "coco", "triplets")
 TRIPLET_FIELDS = ("instruction", "modified_caption", "original_caption")
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 __all__ = ["FORMATS", "MANIFEST", "TOOL_NAME", "ConversionError", "PairSpec", "convert_pairs", "read_caption_jsonl",
            "read_coco_captions", "read_triplets"]
@@ -255,10 +253,7 @@ def _usable_images(pairs: list[PairSpec], images: str, rules: image_files.ReadRu
         if probe["error"] is None:
             kept.append(p)
         else:
-            # PIL's messages may name an object's address ("<_io.BytesIO object at 0x7f...>"): dropped, so equal
-            # inputs give an equal manifest.
-            reason = _ADDRESS.sub("", probe["error"])
-            skips.append(Skip(file, p.source_index, p.name, "image", probe["code"], f"{p.image_path}: {reason}",
+            skips.append(Skip(file, p.source_index, p.name, "image", probe["code"], f"{p.image_path}: {probe['error']}",
                               "record_skipped"))
     return kept, probes, skips
 

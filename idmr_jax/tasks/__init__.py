@@ -20,7 +20,7 @@ import ml_collections
 
 # Task name -> its folder (a package under idmr_jax/tasks/).
 TASKS = {"oacir": "idmr_jax.tasks.oacir", "idmr": "idmr_jax.tasks.idmr", "cir": "idmr_jax.tasks.cir",
-         "universal": "idmr_jax.tasks.universal"}
+         "universal": "idmr_jax.tasks.universal", "rerank": "idmr_jax.tasks.rerank"}
 # Names that configs and checkpoints written before a rename still carry: "adafocal" was the OACIR task's name.
 LEGACY_NAMES = {"adafocal": "oacir"}
 

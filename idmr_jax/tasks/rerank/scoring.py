@@ -42,11 +42,12 @@ def listwise_scores(logits_last: jax.Array, index_ids: Sequence[int]) -> jax.Arr
 
 
 def last_logits(model, ids: jax.Array, mask: jax.Array, pixels: jax.Array | None = None,
-                image_valid: jax.Array | None = None) -> jax.Array:
+                image_valid: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
     """Next-token logits [B, V] float32 at each row's last attended position (``model.logits(...)[b, last_b]``).
 
-    `pixels` [B_img, S, S, 3] are the images of all rows, row-major (`LlavaEmbedder.input_embeddings`)."""
-    hidden = model.hidden_states(ids, mask, pixels, image_valid=image_valid)
+    `pixels` [B_img, S, S, 3] are the images of all rows, row-major (`LlavaEmbedder.input_embeddings`);
+    ``deterministic=False`` applies the LoRA dropout (training)."""
+    hidden = model.hidden_states(ids, mask, pixels, image_valid=image_valid, deterministic=deterministic)
     position, _ = pooling.pool_positions(mask, ids, method="last")
     last = jnp.take_along_axis(hidden, position[:, None, None], axis=1)[:, 0]
     return model.lm.logits(last).astype(jnp.float32)

@@ -31,19 +31,16 @@ record. Batch keys (b = this process's rows):
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import grain
 import numpy as np
 
-from idmr_jax.data.grain_io import (CheckpointableIterator, RecordReader, batched_iterator, check_worker_count,
-                                    plan_process)
-from idmr_jax.data.records import shard_paths
+from idmr_jax.data.grain_io import CheckpointableIterator
 from idmr_jax.tasks.idmr.pipeline import pixels
 from idmr_jax.tasks.rerank.prompts import (MAX_LIST, MIN_LIST, RerankPrompt, RerankPrompts, RerankTokenizer,
                                            listwise_example, load_rerank_prompts, pointwise_prompt, sample_list_size)
 from idmr_jax.tasks.universal import mbeir, records
-from idmr_jax.tasks.universal.pipeline import PairExample
+from idmr_jax.tasks.universal.pipeline import PairExample, draw_instruction, pair_batches
 
 POINT_ROWS = 2  # (query, positive) and (query, negative)
 POINT_IMAGES = 2  # a pointwise prompt shows the query and one candidate
@@ -89,17 +86,9 @@ class RerankExample(grain.transforms.RandomMap):
 
     def __init__(self, paths: list[str], tokenizers: dict[str, RerankTokenizer], prompts: RerankPrompts,
                  layout: RerankLayout, shard_glob: str):
-        self.reader = RecordReader(paths)
         self.tokenizers, self.prompts, self.layout, self.shard_glob = tokenizers, prompts, layout, shard_glob
-        # Only its negative drawing is used: max_k - 1 negatives per pair, the pair's own first.
+        # Its pair reading and negative drawing: max_k - 1 negatives per pair, the pair's own first.
         self.negatives = PairExample(paths, {}, {}, layout.image_size, layout.pad_ratio, layout.max_k - 1, shard_glob)
-
-    def pair(self, key: int) -> records.TrainingPair:
-        """The training pair of a global key; ValueError naming the shards, the record and the field."""
-        try:
-            return records.decode_pair(self.reader.raw(key))
-        except records.RecordError as e:
-            raise ValueError(f"{self.shard_glob} record {key}: {e}") from e
 
     def _encode(self, kind: str, prompt: RerankPrompt, slots: int, where: str) -> dict[str, np.ndarray]:
         ids, mask = self.tokenizers[kind].encode(prompt, what=where)
@@ -113,8 +102,8 @@ class RerankExample(grain.transforms.RandomMap):
     def random_map(self, key, rng: np.random.Generator) -> dict[str, np.ndarray]:
         key = int(key)
         where = f"{self.shard_glob} record {key}"
-        pair = self.pair(key)
-        instruction = pair.instruction_set[rng.integers(len(pair.instruction_set))] if pair.instruction_set else None
+        pair = self.negatives.pair(key)
+        instruction = draw_instruction(pair, rng)
         # As the embedder reads them: the query's text with an instruction, candidates' texts cleaned (UniIR).
         query = pair.query
         if query.text is not None or instruction:
@@ -154,18 +143,7 @@ def tokenizers_of(task, layout: RerankLayout) -> dict[str, RerankTokenizer]:
 
 def train_iterator(task) -> CheckpointableIterator:
     """Training iterator over ``data.train_dir/data.train_glob`` (this process's rows of each global batch)."""
-    d = task.config.data
-    if not d.train_dir:
-        raise ValueError("config.data.train_dir is empty: point it at training pairs (python -m idmr_jax.mine, or "
-                         "any converted pairs)")
-    pattern = os.path.join(d.train_dir, d.train_glob)
-    paths = shard_paths(pattern)
-    check_worker_count(d.num_workers, len(paths), remedy="convert with more shards")
-    n = len(RecordReader(paths))
-    plan = plan_process(n, d.batch_size, what=f"training pairs ({pattern})")
     layout = layout_of(task)
-    example = RerankExample(paths, tokenizers_of(task, layout), load_rerank_prompts(task.config.rerank.prompt_set),
-                            layout, pattern)
-    ds = grain.MapDataset.range(n)[plan.keys].shuffle(seed=d.shuffle_seed).repeat()
-    ds = ds.random_map(example, seed=d.shuffle_seed)
-    return batched_iterator(ds, plan, num_workers=d.num_workers, read_threads=d.get("read_threads", 2))
+    tokenizers = tokenizers_of(task, layout)
+    prompts = load_rerank_prompts(task.config.rerank.prompt_set)
+    return pair_batches(task.config, lambda paths, pattern: RerankExample(paths, tokenizers, prompts, layout, pattern))

@@ -87,6 +87,11 @@ class PackImages(grain.transforms.Map):
         return out
 
 
+def draw_instruction(pair: records.TrainingPair, rng: np.random.Generator) -> str | None:
+    """One of the pair's instructions, drawn per example (None when it has none)."""
+    return pair.instruction_set[rng.integers(len(pair.instruction_set))] if pair.instruction_set else None
+
+
 class PairExample(grain.transforms.RandomMap):
     """Pair key -> one example: prompts tokenised, images decoded, hard negatives drawn (see the module docstring)."""
 
@@ -97,7 +102,8 @@ class PairExample(grain.transforms.RandomMap):
         self.image_size, self.pad_ratio = image_size, pad_ratio
         self.num_hard_negatives, self.shard_glob = num_hard_negatives, shard_glob
 
-    def _pair(self, key: int) -> records.TrainingPair:
+    def pair(self, key: int) -> records.TrainingPair:
+        """The training pair of a global key; ValueError naming the shards, the record and the field."""
         try:
             return records.decode_pair(self.reader.raw(key))
         except records.RecordError as e:
@@ -125,7 +131,7 @@ class PairExample(grain.transforms.RandomMap):
             if len(own) == self.num_hard_negatives:
                 break
             other = int(rng.integers(n))
-            if other != key and (side := self._pair(other).positive).id not in taken:
+            if other != key and (side := self.pair(other).positive).id not in taken:
                 own.append(side)
                 taken.add(side.id)
         if len(own) < self.num_hard_negatives:
@@ -136,8 +142,8 @@ class PairExample(grain.transforms.RandomMap):
     def random_map(self, key, rng: np.random.Generator) -> dict[str, np.ndarray]:
         key = int(key)
         where = f"{self.shard_glob} record {key}"
-        pair = self._pair(key)
-        instruction = pair.instruction_set[rng.integers(len(pair.instruction_set))] if pair.instruction_set else None
+        pair = self.pair(key)
+        instruction = draw_instruction(pair, rng)
         sides = {"query": self._side(pair.query, "query", mbeir.instructed_text(instruction, pair.query.text), rng,
                                      f"{where} query"),
                  "cand": self._side(pair.positive, "candidate", mbeir.uniir_text(pair.positive.text), rng,
@@ -163,22 +169,35 @@ def local_batch_blocks(config) -> int:
     return batch_shards(sharding.mesh_from_config(config)) // jax.process_count()
 
 
-def train_iterator(task) -> CheckpointableIterator:
-    """Training iterator over ``data.train_dir/data.train_glob`` (this process's rows of each global batch)."""
-    d = task.config.data
+def pair_batches(config, make_example, *, batch_map=None) -> CheckpointableIterator:
+    """The batches of this process from the training pairs in ``data.train_dir/data.train_glob``: the keys shuffled
+    per epoch, each turned into an example by ``make_example(shard paths, shard pattern)`` (a Grain ``RandomMap``,
+    seeded by ``data.shuffle_seed``), batched, then ``batch_map`` over whole batches. Shared by every task that
+    trains on pairs (this one, the rerankers)."""
+    d = config.data
     if not d.train_dir:
         raise ValueError("config.data.train_dir is empty: point it at training pairs (python -m data_prep.instructcir, "
-                         "or data_prep.mbeir --split train)")
+                         "data_prep.mbeir_pairs, or idmr_jax.mine)")
     pattern = os.path.join(d.train_dir, d.train_glob)
     paths = shard_paths(pattern)
     check_worker_count(d.num_workers, len(paths), remedy="convert with more shards")
     n = len(RecordReader(paths))
     plan = plan_process(n, d.batch_size, what=f"training pairs ({pattern})")
-    tokenizers = {side: PromptTokenizer(d.tokenizer, task.prompt_spec(side)) for side in ("query", "candidate")}
-    example = PairExample(paths, tokenizers, load_prompt_set(d.get("prompt_set", "")), d.image_size, d.pad_ratio,
-                          d.num_hard_negatives, pattern)
     ds = grain.MapDataset.range(n)[plan.keys].shuffle(seed=d.shuffle_seed).repeat()
-    ds = ds.random_map(example, seed=d.shuffle_seed)
-    slots = {p: int(d.image_slots[p]) for p in SIDES}
+    ds = ds.random_map(make_example(paths, pattern), seed=d.shuffle_seed)
     return batched_iterator(ds, plan, num_workers=d.num_workers, read_threads=d.get("read_threads", 2),
-                            batch_map=PackImages(local_batch_blocks(task.config), slots))
+                            batch_map=batch_map)
+
+
+def train_iterator(task) -> CheckpointableIterator:
+    """Training iterator of the universal task (this process's rows of each global batch; keys in the module
+    docstring)."""
+    d = task.config.data
+    tokenizers = {side: PromptTokenizer(d.tokenizer, task.prompt_spec(side)) for side in ("query", "candidate")}
+    prompt_set = load_prompt_set(d.get("prompt_set", ""))
+
+    def make_example(paths, pattern):
+        return PairExample(paths, tokenizers, prompt_set, d.image_size, d.pad_ratio, d.num_hard_negatives, pattern)
+
+    slots = {p: int(d.image_slots[p]) for p in SIDES}
+    return pair_batches(task.config, make_example, batch_map=PackImages(local_batch_blocks(task.config), slots))

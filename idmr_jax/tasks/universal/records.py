@@ -75,8 +75,19 @@ def modality_of(has_text: bool, has_image: bool) -> str:
     raise ValueError("a query or candidate needs text, an image or both")
 
 
+class ExtraFields:
+    """``extra_fields``: a record's ``extra`` JSON object, parsed (shared by every kind that carries ``extra``)."""
+
+    extra: str
+
+    @property
+    def extra_fields(self) -> dict:
+        """`extra` parsed."""
+        return json.loads(self.extra)
+
+
 @dataclasses.dataclass(frozen=True)
-class QueryRecord:
+class QueryRecord(ExtraFields):
     """One query of any modality; see the module docstring."""
 
     qid: str
@@ -91,14 +102,9 @@ class QueryRecord:
     source_index: int
     extra: str
 
-    @property
-    def extra_fields(self) -> dict:
-        """`extra` parsed."""
-        return json.loads(self.extra)
-
 
 @dataclasses.dataclass(frozen=True)
-class CandidateRecord:
+class CandidateRecord(ExtraFields):
     """One candidate of any modality; see the module docstring."""
 
     did: str
@@ -107,11 +113,6 @@ class CandidateRecord:
     modality: str
     source_index: int
     extra: str
-
-    @property
-    def extra_fields(self) -> dict:
-        """`extra` parsed."""
-        return json.loads(self.extra)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +126,7 @@ class Side:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainingPair:
+class TrainingPair(ExtraFields):
     """A query, its positive and its hard negatives; see the module docstring."""
 
     pair_id: str

@@ -19,6 +19,11 @@ The argument after ':' is a comma-separated list of keywords:
   tiny                  tiny random model on synthetic triplets (tests, smoke runs)
   fake                  synthetic in-memory triplets of the right shapes
   demo                  the laptop demo (small random LM + packaged EfficientNet-Lite0 on the demo photos)
+  backbone=NAME         llava (default) | internvl (IDMR's InternVL2.5: InternViT-300M, 448 px tiles, pixel
+                        shuffle; init.format=hf_internvl) | qwen2vl (LamRA's Qwen2-VL: 2D-RoPE ViT, patch merger,
+                        M-RoPE; init.format=hf_qwen2vl, every image at data.image_size = 448, a multiple of 28).
+                        With a checkpoint (--config.model.init.path) its config.json gives every size; with tiny,
+                        a tiny random model of that backbone. idmr_jax/tasks/universal/backbones.py
 
 e.g. ``configs/idmr.py:tiny`` or ``configs/idmr.py:demo``.
 """
@@ -32,7 +37,7 @@ BERT_VOCAB = 30522  # the bundled all-MiniLM-L6-v2 WordPiece vocab; the image to
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_config_args(arg, {"lamra", "instructcir", "fsdp", "tiny", "fake", "demo"})
+    args = parse_config_args(arg, {"lamra", "instructcir", "fsdp", "tiny", "fake", "demo", "backbone"})
     tiny = "tiny" in args
 
     c = ml_collections.ConfigDict()
@@ -46,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- model
     m = c.model = ml_collections.ConfigDict()
+    m.backbone = "llava"  # llava | internvl | qwen2vl (idmr_jax/tasks/universal/backbones.py)
     # Full recipe sizes without a checkpoint: CLIP ViT-L/14-336 + a Qwen2-7B-sized LM; with init.format=hf_llava
     # the sizes come from the checkpoint's config.json and only scan / remat / LoRA (and config.precision) apply.
     m.vision = ml_collections.ConfigDict(dict(kind="vit", variant="L/14-336", image_size=336, feature_stride=16,
@@ -161,7 +167,40 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         s.mesh = dict(data=-1, fsdp=1, model=1)  # data parallel: small models, any device count
     if "fsdp" in args:
         s.mesh = dict(data=-1, fsdp=int(args["fsdp"]), model=1)
+    if args.get("backbone", "llava") != "llava":
+        _backbone_overrides(c, args["backbone"], tiny=tiny)
     return c
+
+
+# InternVL2.5's InternViT-300M-448px and Qwen2-VL-7B's ViT: the sizes without a checkpoint (one gives its own).
+BACKBONE_VISION = {
+    "internvl": dict(kind="internvit", width=1024, depth=24, num_heads=16, mlp_dim=4096, patch_size=14,
+                     image_size=448),
+    "qwen2vl": dict(kind="qwen2vl_vit", width=1280, depth=32, num_heads=16, mlp_dim=5120, patch_size=14,
+                    image_size=448),
+}
+# The image placeholder of each backbone's tokenizer: <IMG_CONTEXT> (InternVL2.5 on Qwen2.5), <|image_pad|>.
+BACKBONE_IMAGE_TOKEN = {"internvl": 151667, "qwen2vl": 151655}
+
+
+def _backbone_overrides(c: ml_collections.ConfigDict, backbone: str, *, tiny: bool) -> None:
+    """``backbone=internvl|qwen2vl``: the model, its checkpoint format and its image size."""
+    if backbone not in BACKBONE_VISION:
+        raise ValueError(f"backbone={backbone}: use llava, {', '.join(BACKBONE_VISION)}")
+    m = c.model
+    m.backbone = backbone
+    m.vision = ml_collections.ConfigDict(BACKBONE_VISION[backbone])
+    m.vision_feature_layer = -1  # InternVL2.5: the tower's last hidden state (Qwen2-VL has no such choice)
+    if backbone == "qwen2vl":
+        m.text.mrope_section = [16, 24, 24]  # Qwen2-VL-7B's M-RoPE (temporal, height, width)
+    if tiny:
+        m.vision.update(dict(width=64, depth=2, num_heads=4, mlp_dim=128, image_size=56))  # 4 LM tokens an image
+        if backbone == "qwen2vl":
+            m.text.mrope_section = [2, 3, 3]  # the tiny LM's head_dim / 2 = 8
+        return
+    m.image_token_id = BACKBONE_IMAGE_TOKEN[backbone]
+    m.init.format = f"hf_{backbone}"
+    c.data.image_size = m.vision.image_size
 
 
 def bert_prompts(c: ml_collections.ConfigDict, vocab: int) -> None:

@@ -29,6 +29,7 @@ The argument after ':' is a comma-separated list of keywords:
   lora                  with demo: stage 2 with the recipe's LoRA after all
   tiny                  a tiny random embedder (tests)
   fsdp=N                as in configs/idmr.py
+  backbone=NAME         as in configs/idmr.py: internvl or qwen2vl; llava by default
 
 e.g. ``configs/instructcir.py:demo``.
 """
@@ -39,12 +40,14 @@ from idmr_jax.config_args import parse_config_args, sibling_config
 from idmr_jax.train.stages import PREVIOUS_STAGE, apply_overrides
 
 
-def stage_overrides(stage: int, *, full: bool, demo: bool, vision_trains: bool) -> list[tuple[str, object]]:
-    """The fields that make a config stage 1 or stage 2 of the recipe, as (dotted field, value)."""
+def stage_overrides(stage: int, *, full: bool, demo: bool, vision_trains: bool,
+                    init_format: str = "hf_llava") -> list[tuple[str, object]]:
+    """The fields that make a config stage 1 or stage 2 of the recipe, as (dotted field, value); stage 1 starts
+    from a transformers checkpoint of `init_format` (the backbone's), or, in the demo, from scratch."""
     if stage == 1:
         return [("loss.direction", "symmetric"), ("data.num_hard_negatives", 0), ("model.lora.rank", 0),
                 ("model.freeze_vision", not vision_trains), ("model.train_projector", True),
-                ("model.init.format", "" if demo else "hf_llava"),
+                ("model.init.format", "" if demo else init_format),
                 ("data.demo_stage", "captions"), ("data.train_dir", "config:data.caption_dir")]
     return [("loss.direction", "q2t"), ("data.num_hard_negatives", 1),
             ("model.lora.rank", 0 if full else 64), ("model.lora.alpha", 16.0),
@@ -54,9 +57,10 @@ def stage_overrides(stage: int, *, full: bool, demo: bool, vision_trains: bool) 
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_config_args(arg, {"stage", "full", "lora", "demo", "tiny", "fsdp"})
+    args = parse_config_args(arg, {"stage", "full", "lora", "demo", "tiny", "fsdp", "backbone"})
     idmr = sibling_config(__file__, "idmr.py")
-    base = ["instructcir"] + [k if k != "fsdp" else f"fsdp={args[k]}" for k in ("tiny", "demo", "fsdp") if k in args]
+    base = ["instructcir"] + [k if k in ("tiny", "demo") else f"{k}={args[k]}"
+                              for k in ("tiny", "demo", "fsdp", "backbone") if k in args]
     c = idmr.get_config(",".join(base))
     demo, tiny = "demo" in args, "tiny" in args
     c.task = "universal"
@@ -79,7 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         d.max_len, d.candidate_max_len = 96, 72  # an image candidate: 49 image tokens and its prompt
         c.train.num_steps = 60
     full = "full" in args or (demo and "lora" not in args)
-    options = dict(full=full, demo=demo or tiny, vision_trains=not (demo or tiny))
+    options = dict(full=full, demo=demo or tiny, vision_trains=not (demo or tiny),
+                   init_format=f"hf_{c.model.backbone}")
     if "stage" in args:
         stage = int(args["stage"])
         if stage not in (1, 2):

@@ -9,15 +9,17 @@ Usage::
     python -m idmr_jax.convert import --format hf_bert        --src BERT_FOLDER --out DIR \
         [--cross-attention-freq 2] [--encoder-hidden-size 1408]
     python -m idmr_jax.convert import --format lavis_adafocal --src FOLDER --out DIR   # official AdaFocal
-    python -m idmr_jax.convert import --format hf_llava       --src LLAVA_FOLDER --out DIR
+    python -m idmr_jax.convert import --format hf_llava|hf_internvl|hf_qwen2vl --src HF_FOLDER --out DIR
 
     # converted Flax checkpoint, training workdir (its latest step) or WORKDIR/checkpoints/<step> -> PyTorch
-    python -m idmr_jax.convert export --format hf_blip2|lavis_blip2|lavis_adafocal|hf_llava --src DIR --out FOLDER
+    python -m idmr_jax.convert export --format hf_blip2|lavis_blip2|lavis_adafocal|hf_llava|hf_internvl|hf_qwen2vl \
+        --src DIR --out FOLDER [--lora-adapter]   # MLLMs: LoRA as a PEFT adapter in FOLDER/lora_adapter
     # trained AdaFocal -> jax.export serving artifact (loaded by idmr_jax/serving.py, no flax needed)
     python -m idmr_jax.convert export --format jax_serving --src WORKDIR --out DIR [--platforms cpu,cuda,tpu]
 
     # numerical parity of the Flax port against transformers on the same checkpoint
-    python -m idmr_jax.convert verify --format hf_blip2|hf_llava --src FOLDER [--port DIR] [--dtype bfloat16] [--tol X]
+    python -m idmr_jax.convert verify --format hf_blip2|hf_llava|hf_internvl|hf_qwen2vl --src FOLDER [--port DIR] \
+        [--dtype bfloat16] [--tol X]
 
 The formats, and the family module that implements each, are described in ``idmr_jax.weights.formats``.
 Exit codes: 0 success; 1 verify found a difference above the tolerance; 2 bad input (missing / unexpected /
@@ -36,7 +38,7 @@ from pathlib import Path
 
 from idmr_jax.weights import io, workdir
 from idmr_jax.weights.conversion import DEFAULT_TOL, ConvertError, ExportOptions, ImportOptions, log
-from idmr_jax.weights.formats import FORMATS, names_with
+from idmr_jax.weights.formats import FORMATS, LORA_ADAPTER_FORMATS, export_format, names_with
 from idmr_jax.weights.mapping import WeightMismatchError
 
 __all__ = ["ConvertError", "DEFAULT_TOL", "export_checkpoint", "import_checkpoint", "main"]
@@ -53,15 +55,16 @@ def import_checkpoint(fmt: str, src: str | Path, out: str | Path, options: Impor
 
 
 def export_checkpoint(fmt: str, src: str | Path, out: str | Path, *, dtype: str | None = None,
-                      drop_k_bias: bool = False, platforms: Sequence[str] | None = None) -> Path:
+                      drop_k_bias: bool = False, platforms: Sequence[str] | None = None,
+                      lora_adapter: bool = False) -> Path:
     """Writes the model of `src` (a converted model directory, a training workdir or one of its checkpoint steps)
     in format `fmt` under folder `out`; see ``idmr_jax.weights.formats``."""
     try:
         source = workdir.read_source(src)
     except ValueError as e:  # e.g. a training config of another task, or one that does not match its params
         raise ConvertError(f"{src}: {e}") from e
-    options = ExportOptions(dtype=dtype, drop_k_bias=drop_k_bias, platforms=platforms)
-    return FORMATS[fmt].export(source, src, out, options)
+    options = ExportOptions(dtype=dtype, drop_k_bias=drop_k_bias, platforms=platforms, lora_adapter=lora_adapter)
+    return export_format(fmt, source, src, out, options)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--drop-k-bias", action="store_true",
                      help="lavis_blip2 / lavis_adafocal: drop a nonzero EVA key bias (LAVIS has none; outputs "
                           "are unchanged)")
+    exp.add_argument("--lora-adapter", action="store_true", help=f"{'/'.join(LORA_ADAPTER_FORMATS)}: the base "
+                     "model without its LoRA and the LM's LoRA as a PEFT adapter in OUT/lora_adapter (else merged)")
     exp.add_argument("--platforms", type=lambda s: tuple(filter(None, s.split(","))),
                      help="jax_serving: comma-separated platforms to export for (default cpu,cuda,tpu)")
 
@@ -120,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"wrote {import_checkpoint(args.format, args.src, args.out, options)} ({time.time() - t0:.1f}s)")
         elif args.command == "export":
             out = export_checkpoint(args.format, args.src, args.out, dtype=args.dtype, drop_k_bias=args.drop_k_bias,
-                                    platforms=args.platforms)
+                                    platforms=args.platforms, lora_adapter=args.lora_adapter)
             log(f"wrote {out} ({time.time() - t0:.1f}s)")
         else:
             tol = DEFAULT_TOL[args.dtype] if args.tol is None else args.tol

@@ -61,7 +61,11 @@ def main(argv):
             return trainer.evaluate_only(task, workdir)
         raise ValueError(f"unknown config.mode {config.mode!r}; use train or eval")
 
-    if config.get("stages"):  # a recipe in stages (idmr_jax/train/stages.py), e.g. configs/instructcir.py:demo
+    if config.get("loop"):  # train, index, mine, retrain, rerank (idmr_jax/tasks/rerank/loop.py)
+        from idmr_jax.tasks.rerank import loop
+
+        results = loop.run_loop(config, _WORKDIR.value, run)
+    elif config.get("stages"):  # a recipe in stages (idmr_jax/train/stages.py), e.g. configs/instructcir.py:demo
         from idmr_jax.train import stages
 
         results = stages.run_stages(config, _WORKDIR.value, run)

@@ -170,9 +170,8 @@ def test_full_recipe_trains_lora_only_with_fsdp_rules():
 def test_gradcache_loss_equals_plain_loss_with_hard_negatives():
     """The task's loss through GradCache (2 chunks over 8 devices) = without it, value and gradients; and both
     equal InfoNCE over the embeddings computed directly (in-batch + one hard-negative column per query). The
-    vision tower is frozen, so its features are computed once outside GradCache (`embed_from_features`)."""
+    vision tower is frozen, so its features are computed once outside GradCache (`embed_from_vision`)."""
     from idmr_jax.tasks.idmr.task import IdmrTask
-    from idmr_jax.tasks.universal.model import embed_from_features
     from idmr_jax.train.state import split_model
 
     cfg = _config("tiny")
@@ -206,8 +205,8 @@ def test_gradcache_loss_equals_plain_loss_with_hard_negatives():
     np.testing.assert_allclose(float(plain[0]), float(dense), rtol=1e-5)
     # The shortcut the loss takes equals the model's own embed.
     np.testing.assert_allclose(
-        np.asarray(embed_from_features(model, model.vision_features(batch["query_pixels"]), batch["query_ids"],
-                                       batch["query_mask"])), np.asarray(emb("query")), rtol=1e-5, atol=1e-6)
+        np.asarray(model.embed_from_vision(model.vision_features(batch["query_pixels"]), batch["query_ids"],
+                                           batch["query_mask"])), np.asarray(emb("query")), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -5,9 +5,7 @@ vision tower."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io as pyio
 import json
 
 import jax.numpy as jnp
@@ -18,7 +16,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file
 
-from idmr_jax import convert
+import mllm_fixtures as fx
 from idmr_jax.models import llava as llava_mod
 from idmr_jax.models import pooling
 from idmr_jax.models.lora import LoRAConfig
@@ -28,15 +26,6 @@ from idmr_jax.weights import vit as vit_weights
 
 TOL = 1e-4
 VOCAB, IMAGE_TOKEN = 64, 63
-
-
-def _randomise(model: torch.nn.Module, seed: int) -> None:
-    """Moves every parameter off its init so that each one matters for the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.5 if "embed" in name and "patch" not in name else 0.08
-            p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def _hf_config(text: str, **kw) -> transformers.LlavaConfig:
@@ -55,28 +44,21 @@ def _hf_config(text: str, **kw) -> transformers.LlavaConfig:
 _MODELS: dict = {}
 
 
+def _is_embedding(name: str) -> bool:
+    return "embed" in name and "patch" not in name
+
+
 def _saved(text: str, tmp_path_factory, **kw):
     key = (text, repr(sorted(kw.items())))
     if key not in _MODELS:
-        torch.manual_seed(0)
-        hf = transformers.LlavaForConditionalGeneration(_hf_config(text, **kw)).eval()
-        _randomise(hf, 1)
-        folder = tmp_path_factory.mktemp(f"llava_{text}")
-        hf.save_pretrained(folder)
-        _MODELS[key] = hf, folder
+        _MODELS[key] = fx.save_random(transformers.LlavaForConditionalGeneration, _hf_config(text, **kw),
+                                      tmp_path_factory.mktemp(f"llava_{text}"), is_embedding=_is_embedding)
     return _MODELS[key]
 
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     return _saved("qwen2", tmp_path_factory)
-
-
-def _main(argv) -> tuple[int, str]:
-    buf = pyio.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = convert.main(argv)
-    return rc, buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,20 +68,14 @@ def _main(argv) -> tuple[int, str]:
 @pytest.mark.parametrize("text", ["qwen2", "llama"])
 def test_cli_verify(text, tmp_path_factory):
     _, folder = _saved(text, tmp_path_factory)
-    rc, out = _main(["verify", "--format", "hf_llava", "--src", str(folder), "--batch", "3"])
-    lines = out.strip().splitlines()
-    assert rc == 0, out
-    assert lines[-1].startswith("max_abs_diff=")
-    worst = float(lines[-1].split("=")[1])
-    per_output = [float(line.rsplit("max_abs_diff=", 1)[1]) for line in lines[:-1]]
-    assert len(per_output) == 9 and max(per_output) == pytest.approx(worst, rel=1e-3)
-    assert worst <= TOL
+    rc, out = fx.run_convert(["verify", "--format", "hf_llava", "--src", str(folder), "--batch", "3"])
+    lines = fx.check_verify_output(rc, out, TOL)
     assert any("left" in line for line in lines) and any("text/right" in line for line in lines)
 
 
 def test_cli_verify_fails_above_tolerance(qwen):
     _, folder = qwen
-    rc, out = _main(["verify", "--format", "hf_llava", "--src", str(folder), "--batch", "3", "--tol", "1e-12"])
+    rc, out = fx.run_convert(["verify", "--format", "hf_llava", "--src", str(folder), "--batch", "3", "--tol", "1e-12"])
     assert rc == 1 and out.strip().splitlines()[-1].startswith("max_abs_diff=")
 
 
@@ -110,22 +86,16 @@ def test_cli_verify_fails_above_tolerance(qwen):
 @pytest.mark.parametrize("text", ["qwen2", "llama"])
 def test_import_export_round_trip_bit_exact(text, tmp_path_factory, tmp_path):
     _, folder = _saved(text, tmp_path_factory)
-    assert _main(["import", "--format", "hf_llava", "--src", str(folder), "--out", str(tmp_path / "port")])[0] == 0
-    meta = json.loads((tmp_path / "port" / "model_config.json").read_text())
+    port, back = tmp_path / "port", tmp_path / "back"
+    assert fx.run_convert(["import", "--format", "hf_llava", "--src", str(folder), "--out", str(port)])[0] == 0
+    meta = json.loads((port / "model_config.json").read_text())
     assert meta["kind"] == "llava"
-    assert _main(["export", "--format", "hf_llava", "--src", str(tmp_path / "port"), "--out",
-                  str(tmp_path / "back")])[0] == 0
-    orig, back = load_file(str(folder / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
-    assert set(orig) == set(back)
-    for k, v in orig.items():
-        assert back[k].dtype == v.dtype and np.array_equal(back[k], v), k
-    model, info = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "back",
-                                                                            output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert fx.run_convert(["export", "--format", "hf_llava", "--src", str(port), "--out", str(back)])[0] == 0
+    model = fx.check_round_trip(folder, back, transformers.LlavaForConditionalGeneration)
     assert model.config.text_config.model_type == text
     if text == "qwen2":  # the converted directory itself passes verify against the original folder
-        rc, out = _main(["verify", "--format", "hf_llava", "--src", str(folder), "--port", str(tmp_path / "port")])
-        assert rc == 0 and float(out.strip().splitlines()[-1].split("=")[1]) <= TOL
+        rc, out = fx.run_convert(["verify", "--format", "hf_llava", "--src", str(folder), "--port", str(port)])
+        assert rc == 0 and fx.worst_diff(out) <= TOL
 
 
 def test_strict_import_names_the_tensor(qwen, tmp_path):
@@ -139,7 +109,7 @@ def test_strict_import_names_the_tensor(qwen, tmp_path):
     torch_io.save_torch_state_dict(sd, bad, json.loads((folder / "config.json").read_text()))
     with pytest.raises(mapping.WeightMismatchError, match="linear_2.bias"):
         llava.load_hf_llava(bad)
-    rc, _ = _main(["import", "--format", "hf_llava", "--src", str(bad), "--out", str(tmp_path / "o")])
+    rc, _ = fx.run_convert(["import", "--format", "hf_llava", "--src", str(bad), "--out", str(tmp_path / "o")])
     assert rc == 2
 
 
@@ -258,31 +228,20 @@ def test_generate_greedy_matches_transformers(qwen):
 def test_lora_adapter_loads_in_peft(qwen, tmp_path):
     """A trained-looking LoRA (random B) on the LLaVA LM plus a changed projector, exported as a PEFT adapter:
     PeftModel on LlavaForConditionalGeneration gives the port's embeddings."""
-    import peft
-
     _, folder = qwen
     lora = LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
     model, cfg = llava.load_hf_llava(folder, lora=lora)
-    rng = np.random.default_rng(7)
-    flat = {k: np.asarray(v) for k, v in mapping.flatten_params(model).items()}
-    changed = {k: v + 0.05 * rng.standard_normal(v.shape).astype(v.dtype) for k, v in flat.items()
-               if k.endswith("lora_b") or k.startswith("projector/")}
+    changed = fx.perturb_lora_and_projector(model, np.random.default_rng(7), 0.05)
     assert len(changed) == 2 * 3 + 4  # 3 LoRA layers x 2 LM layers, projector kernels and biases
-    mapping.load_into(model, {**flat, **changed})
     out = llava.export_lora_adapter(model, cfg, tmp_path / "adapter", include_projector=True)
-    base = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
-    peft_model = peft.PeftModel.from_pretrained(base, out).eval()
-    injected = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
+    peft_model, injected = fx.load_with_adapter(transformers.LlavaForConditionalGeneration, folder, out)
     assert injected and all("language_model" in n for n in injected)  # nothing in the CLIP tower
 
     pixels, ids, mask = llava_verify.verify_inputs(cfg, batch=2, text_len=5, seed=6)
     inputs = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                   pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2), output_hidden_states=True)
     rows = (np.arange(2), [np.flatnonzero(m)[-1] for m in mask])
-    with torch.no_grad():
-        last = peft_model(**inputs).hidden_states[-1].numpy()[rows]
-        with peft_model.disable_adapter():
-            last_base = peft_model(**inputs).hidden_states[-1].numpy()[rows]
+    last, last_base = fx.with_and_without_adapter(peft_model, inputs, lambda o: o.hidden_states[-1].numpy()[rows])
     assert np.abs(last - last_base).max() > 1e-2  # the adapter (and projector) matter
     ref = last / np.linalg.norm(last, axis=-1, keepdims=True)
     got = nnx.jit(lambda m, p, i, k: m.embed(i, k, p))(model, jnp.asarray(pixels), jnp.asarray(ids),

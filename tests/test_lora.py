@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -235,3 +236,20 @@ def test_save_and_restore_converted_lora_model(qwen2_folder, tmp_path):
     assert set(got) == set(want)
     for k in want:
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
+def test_lm_lora_adapter_targets_only_the_language_model(tmp_path):
+    """export_lm_lora_adapter (the LLaVA / InternVL / Qwen2-VL adapters): ``target_modules`` is a regex that PEFT
+    matches in full; it names the LM's layers and the top-level ``lm_head``, never a vision tower's q_proj."""
+    lora = LoRAConfig(rank=2, alpha=4.0, targets=("q_proj", "lm_head"))
+    cfg = D.DecoderLMConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=1, lora=lora)
+    flat = {f"lm/{k}": v for k, v in mapping.flatten_params(D.DecoderLM(cfg, rngs=nnx.Rngs(0))).items()}
+    out = peft_weights.export_lm_lora_adapter(flat, cfg, tmp_path / "adapter", lm_prefix="model.language_model.")
+    pattern = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert re.fullmatch(pattern, "model.language_model.layers.0.self_attn.q_proj")
+    assert re.fullmatch(pattern, "lm_head")
+    assert not re.fullmatch(pattern, "model.vision_tower.encoder.layers.0.self_attn.q_proj")
+    assert not re.fullmatch(pattern, "model.language_model.layers.0.self_attn.k_proj")
+    with pytest.raises(ValueError, match="no LoRA"):
+        peft_weights.export_lm_lora_adapter(flat, dataclasses.replace(cfg, lora=None), tmp_path / "none",
+                                            lm_prefix="model.language_model.")

@@ -25,6 +25,9 @@ from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# InternVL's normalisation (its checkpoints' preprocessor_config.json image_mean / image_std).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ImageLike = Union[np.ndarray, Image.Image]
 

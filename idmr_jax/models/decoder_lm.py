@@ -6,7 +6,11 @@ RMSNorm; ``logits`` applies ``lm_head`` (or the embedding matrix when ``tie_word
 
 * RMSNorm: statistics in float32, ``weight * normed.astype(input dtype)`` as transformers.
 * RoPE: default rope only (``inv_freq = theta ** -(2i / head_dim)``, rotate-half layout); other
-  ``rope_scaling`` / ``rope_parameters`` types are rejected by the config translators (:mod:`idmr_jax.weights.decoder_lm`).
+  ``rope_scaling`` / ``rope_parameters`` types are rejected by the config translators
+  (:mod:`idmr_jax.weights.decoder_lm`).
+  With ``mrope_section`` (Qwen2-VL's M-RoPE, :func:`idmr_jax.models.rotary.mrope_cos_sin`) ``position_ids`` may be
+  ``[3, B, T]`` (temporal, height, width rows; ``[B, T]`` means three equal rows, i.e. the 1D rope); without it
+  (None, the default) the rope is the 1D one, unchanged.
 * Biases: Qwen2 has q/k/v biases and a bias-free o_proj (``attention_bias`` defaults to True for "qwen2");
   Llama's ``attention_bias`` puts a bias on all four projections and ``mlp_bias`` on the MLP.
 * ``attention_mask`` ``[B, T]`` (1 = token, 0 = padding, left or right) masks keys; causal masking always.
@@ -51,7 +55,7 @@ from idmr_jax.models import layers as L
 from idmr_jax.models.generation import greedy_loop
 from idmr_jax.models import lora as lora_lib
 from idmr_jax.models.lora import LoRAConfig
-from idmr_jax.models.rotary import apply_rope, rope_cos_sin
+from idmr_jax.models.rotary import apply_rope, mrope_cos_sin, rope_cos_sin
 from idmr_jax.sharding import constrain
 
 FAMILIES = ("qwen2", "llama")
@@ -67,6 +71,8 @@ class DecoderLMConfig:
     llama: none). dtype: compute dtype; param_dtype: base weights (LoRA factors use ``lora.param_dtype``).
     remat: "none" | "full" | "dots" | "dots_no_batch" (as :class:`idmr_jax.models.vit.ViTConfig`);
     scan: stack the layers and run them with ``nnx.scan``. precision: matmul precision (None | "highest" ...).
+    mrope_section: Qwen2-VL's M-RoPE chunk widths (temporal, height, width; summing to head_dim / 2), or None
+    for the 1D rope.
     """
 
     family: str = "qwen2"
@@ -90,6 +96,7 @@ class DecoderLMConfig:
     lora: LoRAConfig | None = None
     initializer_range: float = 0.02
     precision: str | None = None
+    mrope_section: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -109,6 +116,11 @@ class DecoderLMConfig:
             raise ValueError("qwen2 always has q/k/v biases and no MLP biases (attention_bias=True, mlp_bias=False)")
         if isinstance(self.lora, Mapping):  # e.g. from JSON
             object.__setattr__(self, "lora", LoRAConfig(**self.lora))
+        if self.mrope_section is not None:
+            object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
+            if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.dim_per_head // 2:
+                raise ValueError(f"mrope_section {self.mrope_section} must be 3 widths summing to head_dim / 2 = "
+                                 f"{self.dim_per_head // 2}")
 
     @property
     def dim_per_head(self) -> int:
@@ -242,6 +254,18 @@ class DecoderLayer(nnx.Module):
         return x if kv is None else (x, kv)
 
 
+def rotary_tables(cfg: DecoderLMConfig, position_ids: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos / sin ``[B, T, head_dim]`` for `position_ids`: ``[B, T]``, or ``[3, B, T]`` with ``cfg.mrope_section``
+    (M-RoPE; ``[B, T]`` then stands for three equal rows)."""
+    if cfg.mrope_section is None:
+        if position_ids.ndim != 2:
+            raise ValueError(f"position_ids must be [B, T] without mrope_section, got {position_ids.shape}")
+        return rope_cos_sin(position_ids, cfg.dim_per_head, cfg.rope_theta, dtype)
+    if position_ids.ndim == 2:
+        position_ids = jnp.broadcast_to(position_ids[None], (3,) + position_ids.shape)
+    return mrope_cos_sin(position_ids, cfg.dim_per_head, cfg.rope_theta, cfg.mrope_section, dtype)
+
+
 def _remat_policy(name: str):
     return {
         "full": None,
@@ -287,8 +311,8 @@ class DecoderLM(nnx.Module):
         """Last hidden states ``[B, T, D]`` (after the final norm) = transformers' ``last_hidden_state``.
 
         Exactly one of `input_ids` ``[B, T]`` and `inputs_embeds` ``[B, T, D]``. `attention_mask` ``[B, T]``
-        (1 real, 0 padding; None = no padding). `position_ids` ``[B, T]`` default to ``arange(T)`` in every row,
-        as transformers' forward (see the module docstring).
+        (1 real, 0 padding; None = no padding). `position_ids` ``[B, T]`` (or ``[3, B, T]`` with M-RoPE) default
+        to ``arange(T)`` in every row, as transformers' forward (see the module docstring).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
@@ -297,7 +321,7 @@ class DecoderLM(nnx.Module):
         b, t = x.shape[:2]
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
-        cos, sin = rope_cos_sin(position_ids, cfg.dim_per_head, cfg.rope_theta, x.dtype)
+        cos, sin = rotary_tables(cfg, position_ids, x.dtype)
         mask = attention_keep_mask(attention_mask, b, t)
         x = constrain(x, _ACT)
 
@@ -323,12 +347,13 @@ class DecoderLM(nnx.Module):
         ``index .. index+T-1``, and the updated cache.
 
         `cache`: keys and values ``[num_layers, B, S, KV, Dh]`` (:meth:`init_cache`); `attention_mask` ``[B, S]``
-        over all cache columns (1 = a real token there); `position_ids` ``[B, T]``. No dropout, no remat.
+        over all cache columns (1 = a real token there); `position_ids` ``[B, T]`` (or ``[3, B, T]`` with
+        M-RoPE). No dropout, no remat.
         """
         cfg = self.cfg
         x = constrain(inputs_embeds.astype(jnp.dtype(cfg.dtype)), _ACT)
         b, t = x.shape[:2]
-        cos, sin = rope_cos_sin(position_ids, cfg.dim_per_head, cfg.rope_theta, x.dtype)
+        cos, sin = rotary_tables(cfg, position_ids, x.dtype)
         mask = attention_keep_mask(attention_mask, b, t, cache[0].shape[2], q_offset=index)
 
         def apply(layer, h, ck, cv):

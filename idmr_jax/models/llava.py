@@ -20,6 +20,9 @@ Vision: a CLIP-style :class:`~idmr_jax.models.vit.VisionTransformer` (``vision_f
 concatenates several layers along features), or any encoder of :func:`idmr_jax.models.vision.build_vision_encoder`
 (e.g. the laptop demo's EfficientNet-Lite0) whose output tokens are used directly (``vision_feature_layer=None``).
 
+:class:`ImageTokenEmbedder` holds the steps after the vision tower (projector, splice, LM, pooling, logits), which
+the InternVL and Qwen2-VL embedders (``idmr_jax.models.internvl`` / ``qwen2vl``) share with this one.
+
 Flax param paths: ``vision/...``, ``projector/linear_1/{kernel,bias}`` [Dv*n_layers, D],
 ``projector/linear_2/{kernel,bias}`` [D, D], ``lm/...`` (:class:`~idmr_jax.models.decoder_lm.DecoderLM`).
 """
@@ -36,7 +39,7 @@ from flax import nnx
 from idmr_jax.models import layers as L
 from idmr_jax.models import pooling
 from idmr_jax.models.decoder_lm import DecoderLM, DecoderLMConfig
-from idmr_jax.models.vision import VisionConfig, build_vision_encoder
+from idmr_jax.models.vision import VisionConfig, build_vision_encoder, vision_grid
 from idmr_jax.models.vit import ViTConfig
 from idmr_jax.sharding import constrain
 
@@ -93,6 +96,10 @@ class LlavaConfig:
     def image_tokens(self, grid: tuple[int, int]) -> int:
         """Image tokens per image for a vision token grid (gh, gw): gh*gw, plus the CLS with strategy "full"."""
         return grid[0] * grid[1] + (self.vision_feature_select_strategy == "full")
+
+    def tokens_per_image(self, image_size: int) -> int:
+        """Image tokens a prompt holds per square `image_size` image (the embedder contract's question)."""
+        return self.image_tokens(vision_grid(self.vision, image_size))
 
 
 class Projector(nnx.Module):
@@ -161,7 +168,84 @@ def check_image_tokens(input_ids, image_token_id: int, num_images: int, tokens_p
                          f"image(s) x {tokens_per_image} features = {num_images * tokens_per_image}")
 
 
-class LlavaEmbedder(nnx.Module):
+class ImageTokenEmbedder(nnx.Module):
+    """The steps the MLLM embedders (LLaVA, InternVL, Qwen2-VL) share after their vision tower: project the vision
+    features, splice them in at the prompt's image tokens, run the decoder LM, pool.
+
+    A subclass sets ``self.cfg`` (``image_token_id``, ``pooling``, ``pooling_token_id``, ``normalize``),
+    ``self.projector`` and ``self.lm`` (a :class:`~idmr_jax.models.decoder_lm.DecoderLM`), and defines
+    ``vision_features(pixels)``; one whose LM needs position ids of its own (Qwen2-VL's M-RoPE) overrides
+    :meth:`vision_position_ids` and :meth:`hidden_states`.
+    """
+
+    def image_features(self, pixels: jax.Array) -> jax.Array:
+        """Projected image features [B_img, N, D] (transformers' ``get_image_features``)."""
+        return constrain(self.projector(self.vision_features(pixels)), ("batch", "length", "embed"))
+
+    def vision_position_ids(self, input_ids: jax.Array, attention_mask: jax.Array, features: jax.Array
+                            ) -> jax.Array | None:
+        """The LM position ids for :meth:`embed_from_vision` (None: the LM's default numbering)."""
+        del input_ids, attention_mask, features
+        return None
+
+    def embed_from_vision(self, features: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, *,
+                          has_image: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        """:meth:`embed` from precomputed ``vision_features`` (the steps after the vision tower; the embedder
+        contract of ``idmr_jax.tasks.universal.model``). Without `has_image`, `features` are the images of all rows
+        in row-major order; with it, ``features [B, N, Dv]`` are each row's own (anything where ``has_image`` is
+        False; those rows' prompts hold no image token)."""
+        image = constrain(self.projector(features), ("batch", "length", "embed"))
+        embeds = self.lm.embed(input_ids)
+        if has_image is None:
+            embeds = splice_image_features(embeds, input_ids, self.cfg.image_token_id, image)
+        else:
+            embeds = splice_row_features(embeds, input_ids, self.cfg.image_token_id, image, has_image)
+        hidden = self.lm(inputs_embeds=embeds, attention_mask=attention_mask,
+                         position_ids=self.vision_position_ids(input_ids, attention_mask, features),
+                         deterministic=deterministic)
+        return self.pool_hidden(hidden, attention_mask, input_ids)
+
+    def input_embeddings(self, input_ids: jax.Array, pixels: jax.Array | None = None,
+                         image_valid: jax.Array | None = None) -> jax.Array:
+        """Token embeddings with the image features spliced in at the image tokens (`image_valid` [B_img]: which
+        pixel rows of a fixed-shape batch are real images)."""
+        embeds = self.lm.embed(input_ids)
+        if pixels is None:
+            return embeds
+        return splice_image_features(embeds, input_ids, self.cfg.image_token_id, self.image_features(pixels),
+                                     image_valid)
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                      pixels: jax.Array | None = None, *, position_ids: jax.Array | None = None,
+                      image_valid: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        """The LM's final-normed hidden states [B, T, D] (transformers' ``last_hidden_state``)."""
+        embeds = self.input_embeddings(input_ids, pixels, image_valid)
+        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                       deterministic=deterministic)
+
+    def pool_hidden(self, hidden: jax.Array, attention_mask: jax.Array, input_ids: jax.Array) -> jax.Array:
+        """``cfg.pooling`` of the hidden states (L2-normalised with ``cfg.normalize``) [B, D]."""
+        return pooling.pool(hidden, attention_mask, input_ids, method=self.cfg.pooling,
+                            token_id=self.cfg.pooling_token_id, normalize=self.cfg.normalize)
+
+    def embed(self, input_ids: jax.Array, attention_mask: jax.Array, pixels: jax.Array | None = None,
+              **kw) -> jax.Array:
+        """Pooled (and, with ``cfg.normalize``, L2-normalised) embeddings [B, D]; `kw` as :meth:`hidden_states`
+        (``image_valid``, ``deterministic``, ...)."""
+        return self.pool_hidden(self.hidden_states(input_ids, attention_mask, pixels, **kw), attention_mask, input_ids)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, pixels: jax.Array | None = None, **kw
+                 ) -> jax.Array:
+        """Same as :meth:`embed`."""
+        return self.embed(input_ids, attention_mask, pixels, **kw)
+
+    def logits(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               pixels: jax.Array | None = None, **kw) -> jax.Array:
+        """Next-token logits [B, T, V] (the ``...ForConditionalGeneration(...).logits`` of the reference)."""
+        return self.lm.logits(self.hidden_states(input_ids, attention_mask, pixels, **kw))
+
+
+class LlavaEmbedder(ImageTokenEmbedder):
     """Vision encoder + projector + decoder LM, pooled into L2-normalised embeddings; see the module docstring."""
 
     def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
@@ -187,49 +271,6 @@ class LlavaEmbedder(nnx.Module):
         if cfg.vision_feature_select_strategy == "default":
             states = tuple(s[:, 1:] for s in states)  # drop the CLS token
         return states[0] if len(states) == 1 else jnp.concatenate(states, axis=-1)
-
-    def image_features(self, pixels: jax.Array) -> jax.Array:
-        """Projected image features [B_img, N, D] (transformers' ``get_image_features``)."""
-        x = self.projector(self.vision_features(pixels))
-        return constrain(x, ("batch", "length", "embed"))
-
-    # -- sequence ----------------------------------------------------------------------------------
-
-    def input_embeddings(self, input_ids: jax.Array, pixels: jax.Array | None = None,
-                         image_valid: jax.Array | None = None) -> jax.Array:
-        """Token embeddings with the image features spliced in at the image tokens."""
-        embeds = self.lm.embed(input_ids)
-        if pixels is None:
-            return embeds
-        return splice_image_features(embeds, input_ids, self.cfg.image_token_id, self.image_features(pixels),
-                                     image_valid)
-
-    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                      pixels: jax.Array | None = None, *, position_ids: jax.Array | None = None,
-                      image_valid: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
-        """The LM's final-normed hidden states [B, T, D] (transformers' ``last_hidden_state``)."""
-        embeds = self.input_embeddings(input_ids, pixels, image_valid)
-        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                       deterministic=deterministic)
-
-    def embed(self, input_ids: jax.Array, attention_mask: jax.Array, pixels: jax.Array | None = None, *,
-              position_ids: jax.Array | None = None, image_valid: jax.Array | None = None,
-              deterministic: bool = True) -> jax.Array:
-        """Pooled (and, with ``cfg.normalize``, L2-normalised) embeddings [B, D]."""
-        hidden = self.hidden_states(input_ids, attention_mask, pixels, position_ids=position_ids,
-                                    image_valid=image_valid, deterministic=deterministic)
-        return pooling.pool(hidden, attention_mask, input_ids, method=self.cfg.pooling,
-                            token_id=self.cfg.pooling_token_id, normalize=self.cfg.normalize)
-
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, pixels: jax.Array | None = None, **kw
-                 ) -> jax.Array:
-        """Same as :meth:`embed`."""
-        return self.embed(input_ids, attention_mask, pixels, **kw)
-
-    def logits(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               pixels: jax.Array | None = None, **kw) -> jax.Array:
-        """Next-token logits [B, T, V] (``LlavaForConditionalGeneration(...).logits``)."""
-        return self.lm.logits(self.hidden_states(input_ids, attention_mask, pixels, **kw))
 
     def generate_greedy(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                         pixels: jax.Array | None = None, *, max_new_tokens: int, eos_token_id: int | None = None,

@@ -63,8 +63,32 @@ STYLES = ("eva", "clip")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
+class SquareTowerGeometry:
+    """What the square-image ViT configs (:class:`ViTConfig`, ``internvit.InternViTConfig``) derive from their
+    ``width`` / ``num_heads`` / ``image_size`` / ``patch_size`` fields, and the checks of the fields they share
+    (``remat``, ``act``)."""
+
+    def check_tower_fields(self) -> None:
+        """Raises ``ValueError`` for an unknown remat policy or activation, or a width the heads do not divide."""
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        L.activation(self.act)  # validates the name
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid of the pretraining resolution (the layout of the position table)."""
+        g = self.image_size // self.patch_size
+        return (g, g)
+
+
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(SquareTowerGeometry):
     """Architecture and execution options of a :class:`VisionTransformer`.
 
     `remat`: "none" | "full" (recompute everything in the backward pass) | "dots" (save matmul outputs) |
@@ -93,23 +117,9 @@ class ViTConfig:
     def __post_init__(self):
         if self.style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        self.check_tower_fields()
         if self.style == "clip" and not self.qkv_bias:
             raise ValueError("CLIP-style attention always has q/k/v biases (qkv_bias=False is EVA-only)")
-        L.activation(self.act)  # validates the name
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.num_heads
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Patch grid of the pretraining resolution (the layout of the position table)."""
-        g = self.image_size // self.patch_size
-        return (g, g)
 
     @property
     def num_positions(self) -> int:
@@ -258,7 +268,8 @@ class Block(nnx.Module):
         return constrain(x, _ACT_AXES)
 
 
-def _remat_policy(name: str):
+def remat_policy(name: str):
+    """The ``jax.checkpoint`` policy of a `remat` name other than "none" (see :class:`ViTConfig`)."""
     return {
         "full": None,  # save nothing: recompute the whole block in the backward pass
         "dots": jax.checkpoint_policies.dots_saveable,
@@ -301,7 +312,7 @@ class Encoder(nnx.Module):
             return x
         apply = _apply_block
         if cfg.remat != "none":
-            apply = nnx.remat(_apply_block, policy=_remat_policy(cfg.remat))
+            apply = nnx.remat(_apply_block, policy=remat_policy(cfg.remat))
         if cfg.scan:
             layers = self.layers
             if (start, stop) != (0, cfg.depth):

@@ -43,6 +43,7 @@ ADDED_FIELDS = {
     "data.format": "triplets",
     "data.prompt_set": "",
     "data.image_slots.query": -1, "data.image_slots.cand": -1, "data.image_slots.hn": -1,
+    "model.backbone": "llava",
 }
 
 RESUME_MODES = ("check", "ignore_config", "fresh")

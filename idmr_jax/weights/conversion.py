@@ -48,11 +48,13 @@ class ImportOptions:
 @dataclasses.dataclass(frozen=True)
 class ExportOptions:
     """Options of ``convert export``: `dtype` casts floating tensors (PyTorch formats), `drop_k_bias` drops a
-    nonzero EVA key bias (LAVIS formats), `platforms` lists where a jax_serving artifact may run."""
+    nonzero EVA key bias (LAVIS formats), `platforms` lists where a jax_serving artifact may run, `lora_adapter`
+    writes the LM's LoRA as a PEFT adapter beside the unmerged base (MLLM formats)."""
 
     dtype: str | None = None
     drop_k_bias: bool = False
     platforms: Sequence[str] | None = None
+    lora_adapter: bool = False
 
 
 @dataclasses.dataclass

@@ -36,6 +36,18 @@ Formats
                     merged into the LM kernels (``llava.export_lora_adapter`` writes a PEFT adapter). Verify
                     compares last hidden states, logits and the last-token embedding on image+text batches
                     (right and left padded) and a text-only batch, on real positions.
+    hf_internvl     transformers ``InternVLForConditionalGeneration`` folder (InternViT, Qwen2 or Llama text model;
+                    the save_pretrained and in-memory key layouts) -> ``InternVLEmbedder``
+                    (``idmr_jax.weights.internvl``). Export writes the save_pretrained layout; LoRA factors are
+                    merged (``internvl.export_lora_adapter`` writes a PEFT adapter). Verify compares last hidden
+                    states, logits and the last-token embedding on batches whose images have 1 and 3 tiles (right
+                    and left padded) and a text-only batch, on real positions.
+    hf_qwen2vl      transformers ``Qwen2VLForConditionalGeneration`` folder (ViT with 2D RoPE and patch merger,
+                    Qwen2 text model with M-RoPE; the save_pretrained/hub and in-memory key layouts) ->
+                    ``Qwen2VLEmbedder`` (``idmr_jax.weights.qwen2vl``). Export writes the save_pretrained layout;
+                    LoRA factors are merged (``qwen2vl.export_lora_adapter`` writes a PEFT adapter). Verify compares
+                    last hidden states, logits and the last-token embedding on batches whose rows hold images of
+                    different sizes (right and left padded) and a text-only batch, on real positions.
     jax_serving     (export only) DIR/query.jaxexport and DIR/target.jaxexport (``jax.export``, symbolic batch),
                     DIR/params.npz and DIR/serving.json (input / output names, shapes, dtypes): data only, no
                     code. Load with ``query_fn, target_fn = idmr_jax.serving.load(DIR)`` or a vendored copy of
@@ -55,8 +67,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
-from idmr_jax.weights import adafocal, llava, llava_verify, vit
+from idmr_jax.models import lora as lora_lib
+from idmr_jax.weights.conversion import ConvertError
+from idmr_jax.weights import adafocal, internvl, internvl_verify, llava, llava_verify, qwen2vl, qwen2vl_verify, vit
 from idmr_jax.weights.blip2 import convert as blip2_convert
 from idmr_jax.weights.blip2 import verify as blip2_verify
 
@@ -75,11 +90,27 @@ class Format:
     verify: Callable | None = None
 
 
-def _verify_llava(src, *, port, dtype, tol, config, batch, text_len, seed):
-    # The reference is from_pretrained(src): its config.json is the only config; the CLI applies `tol`.
-    del tol, config
-    return llava_verify.verify(src, port=port, dtype=dtype, batch=batch, text_len=text_len, seed=seed)
+def with_lora_adapter(export: Callable, write_adapter: Callable) -> Callable:
+    """An MLLM format's export that, with ``--lora-adapter``, writes the base model with its LoRA factors left out
+    (not merged) to OUT and the LM's LoRA as a PEFT adapter to ``OUT/lora_adapter`` (``write_adapter(flat, cfg,
+    folder)``): ``PeftModel.from_pretrained(Cls.from_pretrained(OUT), OUT/lora_adapter)``. Without it: the export
+    as is (LoRA merged into the kernels)."""
 
+    def run(source, src, out, opts):
+        if not opts.lora_adapter:
+            return export(source, src, out, opts)
+        base, factors = lora_lib.split_flat(source.flat)
+        if not factors:
+            raise ConvertError(f"{src}: --lora-adapter, but the model has no LoRA factors")
+        path = export(dataclasses.replace(source, flat=base), src, out, opts)
+        write_adapter(source.flat, source.model_config, Path(out) / LORA_ADAPTER_DIR)
+        return path
+
+    return run
+
+
+LORA_ADAPTER_DIR = "lora_adapter"
+LORA_ADAPTER_FORMATS = ("hf_llava", "hf_internvl", "hf_qwen2vl")
 
 FORMATS: dict[str, Format] = {
     "hf_blip2": Format(blip2_convert.import_hf_blip2, blip2_convert.export_hf_blip2, blip2_verify.verify),
@@ -88,8 +119,22 @@ FORMATS: dict[str, Format] = {
     "hf_bert": Format(blip2_convert.import_hf_bert),
     "lavis_adafocal": Format(adafocal.import_lavis_adafocal, adafocal.export_lavis_adafocal),
     "jax_serving": Format(export=adafocal.export_jax_serving),
-    "hf_llava": Format(llava.import_hf_llava, llava.export_source, _verify_llava),
+    "hf_llava": Format(llava.import_hf_llava, with_lora_adapter(llava.export_source, llava.export_lora_adapter),
+                       llava_verify.verify_format),
+    "hf_internvl": Format(internvl.import_hf_internvl,
+                          with_lora_adapter(internvl.export_source, internvl.export_lora_adapter),
+                          internvl_verify.verify_format),
+    "hf_qwen2vl": Format(qwen2vl.import_hf_qwen2vl,
+                         with_lora_adapter(qwen2vl.export_source, qwen2vl.export_lora_adapter),
+                         qwen2vl_verify.verify_format),
 }
+
+
+def export_format(fmt: str, source, src, out, options):
+    """``FORMATS[fmt].export`` with `options` checked against the format (``lora_adapter`` only where there is one)."""
+    if options.lora_adapter and fmt not in LORA_ADAPTER_FORMATS:
+        raise ConvertError(f"--lora-adapter: only {', '.join(LORA_ADAPTER_FORMATS)} write PEFT adapters")
+    return FORMATS[fmt].export(source, src, out, options)
 
 
 def names_with(direction: str) -> tuple[str, ...]:

@@ -51,6 +51,8 @@ MODEL_KINDS: dict[str, tuple[str, str, str]] = {
     "qformer": ("idmr_jax.models.qformer", "QFormerConfig", "QFormer"),
     "adafocal": ("idmr_jax.models.adafocal", "AdaFocalConfig", "AdaFocal"),
     "llava": ("idmr_jax.models.llava", "LlavaConfig", "LlavaEmbedder"),
+    "internvl": ("idmr_jax.models.internvl", "InternVLConfig", "InternVLEmbedder"),
+    "qwen2vl": ("idmr_jax.models.qwen2vl", "Qwen2VLConfig", "Qwen2VLEmbedder"),
     "decoder_lm": ("idmr_jax.models.decoder_lm", "DecoderLMConfig", "DecoderLM"),
 }
 

@@ -27,14 +27,19 @@ Loading and export (format ``hf_llava``), and LoRA adapter export for PEFT:
   layout) + ``config.json``. LoRA factors, if the checkpoint has them, are merged into the kernels first (the
   exported model then computes what the embedder computes); use :func:`export_lora_adapter` to keep them apart.
 * The parity check against transformers is :mod:`idmr_jax.weights.llava_verify`.
+
+The steps every MLLM format shares (``hf_internvl`` and ``hf_qwen2vl`` use them too) are public here:
+:func:`with_exec`, :func:`load_hf_embedder`, :func:`state_dict_to_flax`, :func:`merged_state_dict`,
+:func:`note_merged_lora`, :func:`write_hf_checkpoint`, :func:`import_with_options` and the activation names
+(:func:`activation_from_hf` / :func:`activation_to_hf`); the LM's PEFT adapter is
+:func:`idmr_jax.weights.peft.export_lm_lora_adapter`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +53,7 @@ from idmr_jax.models.vit import ViTConfig
 from idmr_jax.weights import decoder_lm, peft, torch_io, vit
 from idmr_jax.weights.checks import read_json_file
 from idmr_jax.weights.conversion import BUFFER_IGNORES, ExportOptions, Imported, ImportOptions, log
-from idmr_jax.weights.mapping import (LINEAR, NameMap, Rule, WeightMismatchError, flatten_params, load_into, prefixed,
-                                      unstack_from_model)
+from idmr_jax.weights.mapping import LINEAR, NameMap, Rule, WeightMismatchError, load_into, prefixed, unstack_from_model
 from idmr_jax.weights.torch_io import hf_config_as_dict
 
 LAYOUTS: dict[str, dict[str, str]] = {
@@ -129,19 +133,27 @@ def llava_config_from_hf(hf_config: Any, **overrides) -> LlavaConfig:
         vision=vit.vit_config_from_hf(vision_cfg), text=text, image_token_id=int(image_token),
         vision_feature_layer=tuple(layer) if isinstance(layer, list | tuple) else int(layer),
         vision_feature_select_strategy=c.get("vision_feature_select_strategy", "default"),
-        projector_hidden_act=_projector_act(c.get("projector_hidden_act", "gelu")),
+        projector_hidden_act=activation_from_hf(c.get("projector_hidden_act", "gelu")),
         multimodal_projector_bias=bool(c.get("multimodal_projector_bias", True)),
         image_seq_length=int(c.get("image_seq_length", 576)))
     return LlavaConfig(**{**kwargs, **overrides})
 
 
-_PROJECTOR_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+# transformers' activation names <-> idmr_jax.models.layers.activation's, for the MLLM projectors and towers.
+HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
-def _projector_act(name: str) -> str:
-    if name not in _PROJECTOR_ACT:
-        raise ValueError(f"unsupported projector_hidden_act {name!r}; known: {sorted(_PROJECTOR_ACT)}")
-    return _PROJECTOR_ACT[name]
+def activation_from_hf(name: str, field: str = "projector_hidden_act") -> str:
+    """The layers.activation name of transformers' activation `name` (read from config `field`); an unsupported
+    one raises ``ValueError``."""
+    if name not in HF_ACTIVATIONS:
+        raise ValueError(f"unsupported {field} {name!r}; known: {sorted(HF_ACTIVATIONS)}")
+    return HF_ACTIVATIONS[name]
+
+
+def activation_to_hf(name: str) -> str:
+    """transformers' name of the layers.activation `name` (the inverse of :func:`activation_from_hf`)."""
+    return {v: k for k, v in HF_ACTIVATIONS.items()}[name]
 
 
 def hf_llava_config_dict(cfg: LlavaConfig) -> dict[str, Any]:
@@ -160,7 +172,7 @@ def hf_llava_config_dict(cfg: LlavaConfig) -> dict[str, Any]:
         "image_seq_length": cfg.image_seq_length,
         "vision_feature_layer": list(layer) if isinstance(layer, tuple) else layer,
         "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
-        "projector_hidden_act": {v: k for k, v in _PROJECTOR_ACT.items()}[cfg.projector_hidden_act],
+        "projector_hidden_act": activation_to_hf(cfg.projector_hidden_act),
         "multimodal_projector_bias": cfg.multimodal_projector_bias,
         "tie_word_embeddings": cfg.text.tie_word_embeddings,
     }
@@ -189,19 +201,55 @@ def with_exec(cfg: LlavaConfig, overrides: Mapping[str, Any]) -> LlavaConfig:
     return dataclasses.replace(cfg, vision=apply(cfg.vision), text=text, **rest)
 
 
+def state_dict_to_flax(sd: Mapping[str, np.ndarray], cfg: Any, name_map: NameMap, prefixes: Mapping[str, str], *,
+                       source: str = "checkpoint") -> dict[str, np.ndarray]:
+    """Flat flax params of an MLLM state dict through `name_map` (strict about missing / extra tensors), after
+    dropping a head tied to the embedding (`prefixes`: the layout's ``lm`` and ``lm_head`` prefixes)."""
+    sd = decoder_lm.drop_tied_head(sd, cfg.text, prefix=prefixes["lm"], lm_head=prefixes["lm_head"], source=source)
+    return name_map.torch_to_flax(sd, source=source, ignore=BUFFER_IGNORES)
+
+
 def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: LlavaConfig, *, source: str = "checkpoint"
                        ) -> tuple[dict[str, np.ndarray], str]:
     """(flat flax params, layout) of a transformers LLaVA state dict; strict about missing / extra tensors."""
     layout = detect_layout(sd, source=source)
-    p = LAYOUTS[layout]
-    sd = decoder_lm.drop_tied_head(sd, cfg.text, prefix=p["lm"], lm_head=p["lm_head"], source=source)
-    flat = hf_llava_map(cfg, layout).torch_to_flax(sd, source=source,
-                                                               ignore=HF_LLAVA_IGNORED)
-    return flat, layout
+    return state_dict_to_flax(sd, cfg, hf_llava_map(cfg, layout), LAYOUTS[layout], source=source), layout
 
 
-def _base_filter(cfg: LlavaConfig):
+def base_param_filter(cfg) -> Any:
+    """The nnx filter of the params a transformers checkpoint holds: all but the LM's LoRA factors (for any MLLM
+    embedder config with a ``text`` DecoderLMConfig)."""
     return nnx.All(nnx.Param, nnx.Not(lora_lib.lora_filter)) if cfg.text.lora is not None else nnx.Param
+
+
+def load_hf_embedder(src: str | os.PathLike, *, config: str | os.PathLike | None, seed: int, allow_nonfinite: bool,
+                     overrides: Mapping[str, Any], config_from_hf: Callable, convert_state_dict: Callable,
+                     embedder: Callable) -> tuple[Any, Any]:
+    """(model, config) of an MLLM embedder with the weights of a transformers checkpoint, loaded strictly: the
+    shared steps of :func:`load_hf_llava` and the InternVL / Qwen2-VL loaders.
+
+    `config_from_hf(config.json dict)` gives the embedder config (then :func:`with_exec` applies `overrides`);
+    `convert_state_dict(sd, cfg, source=)` the flat params and layout; `embedder(cfg, rngs=)` builds the module.
+    """
+    src = Path(src)
+    cfg_dict = read_json_file(config) if config else torch_io.read_hf_config(src)
+    if cfg_dict is None:
+        raise FileNotFoundError(f"{src}: no config.json next to the weights (pass config=...)")
+    cfg = with_exec(config_from_hf(cfg_dict), overrides)
+    sd = torch_io.load_torch_state_dict(src, allow_nonfinite=allow_nonfinite)
+    flat, _ = convert_state_dict(sd, cfg, source=str(src))
+
+    def build():
+        return embedder(cfg, rngs=nnx.Rngs(seed))
+
+    model = nnx.eval_shape(build)  # the base params all come from src: no random init of them
+    graphdef, base, rest = nnx.split(model, base_param_filter(cfg), ...)
+    if jax.tree.leaves(rest):
+        # Fresh LoRA factors (and dropout RNG state) only: under jit, XLA drops the unused base initialisers.
+        rest = jax.jit(lambda: nnx.split(build(), base_param_filter(cfg), ...)[2])()
+    model = nnx.merge(graphdef, base, rest)
+    load_into(model, flat, source=str(src), variables=base_param_filter(cfg))
+    return model, cfg
 
 
 def load_hf_llava(src: str | os.PathLike, *, config: str | os.PathLike | None = None, seed: int = 0,
@@ -213,33 +261,41 @@ def load_hf_llava(src: str | os.PathLike, *, config: str | os.PathLike | None = 
     (``dtype``, ``scan``, ...), LlavaConfig fields (``pooling``, ``pooling_token_id``, ...) and ``lora`` (a
     :class:`~idmr_jax.models.lora.LoRAConfig` for the LM: fresh adapters, B = 0, so the outputs are unchanged).
     """
-    src = Path(src)
-    cfg_dict = read_json_file(config) if config else torch_io.read_hf_config(src)
-    if cfg_dict is None:
-        raise FileNotFoundError(f"{src}: no config.json next to the weights (pass config=...)")
-    cfg = with_exec(llava_config_from_hf(cfg_dict), overrides)
-    sd = torch_io.load_torch_state_dict(src, allow_nonfinite=allow_nonfinite)
-    flat, _ = convert_state_dict(sd, cfg, source=str(src))
-    def build():
-        return LlavaEmbedder(cfg, rngs=nnx.Rngs(seed))
+    return load_hf_embedder(src, config=config, seed=seed, allow_nonfinite=allow_nonfinite, overrides=overrides,
+                            config_from_hf=llava_config_from_hf, convert_state_dict=convert_state_dict,
+                            embedder=LlavaEmbedder)
 
-    model = nnx.eval_shape(build)  # the base params all come from src: no random init of them
-    graphdef, base, rest = nnx.split(model, _base_filter(cfg), ...)
-    if jax.tree.leaves(rest):
-        # Fresh LoRA factors (and dropout RNG state) only: under jit, XLA drops the unused base initialisers.
-        rest = jax.jit(lambda: nnx.split(build(), _base_filter(cfg), ...)[2])()
-    model = nnx.merge(graphdef, base, rest)
-    load_into(model, flat, source=str(src), variables=_base_filter(cfg))
-    return model, cfg
+
+def merged_state_dict(flat: Mapping[str, Any], lora: Any, name_map: NameMap) -> dict[str, np.ndarray]:
+    """transformers-named tensors of flat embedder params through `name_map` (scanned layers unstacked; LoRA
+    factors, configured by `lora`, merged into the kernels first)."""
+    flat = {k: np.asarray(v) for k, v in flat.items()}
+    if any(lora_lib.is_lora_path(k) for k in flat):
+        flat = lora_lib.merge(flat, lora)
+    return name_map.flax_to_torch(unstack_from_model(flat, name_map))
 
 
 def hf_state_dict(flat: Mapping[str, Any], cfg: LlavaConfig, *, layout: str = "saved") -> dict[str, np.ndarray]:
     """transformers-named tensors of flat LlavaEmbedder params (scanned layers unstacked; LoRA factors merged)."""
-    flat = {k: np.asarray(v) for k, v in flat.items()}
-    if any(lora_lib.is_lora_path(k) for k in flat):
-        flat = lora_lib.merge(flat, cfg.text.lora)
-    name_map = hf_llava_map(cfg, layout)
-    return name_map.flax_to_torch(unstack_from_model(flat, name_map))
+    return merged_state_dict(flat, cfg.text.lora, hf_llava_map(cfg, layout))
+
+
+def note_merged_lora(flat: Mapping[str, Any], *, src: str, log, adapter_export: str) -> None:
+    """Tells `log` (if any) that a full-model export merges `flat`'s LoRA factors (when it has some), and that
+    `adapter_export` (a function's dotted name) writes them as a PEFT adapter instead."""
+    if any(lora_lib.is_lora_path(k) for k in flat) and log is not None:
+        log(f"{src}: merging the LoRA factors into the LM kernels for the full-model export "
+            f"({adapter_export} writes them as a PEFT adapter instead)")
+
+
+def write_hf_checkpoint(out: str | os.PathLike, state_dict: Mapping[str, np.ndarray], config_dict: dict[str, Any],
+                        dtype: str | None) -> Path:
+    """``out/model.safetensors`` + ``out/config.json`` (transformers' ``save_pretrained`` files); `dtype` casts the
+    floating tensors and is recorded in the config."""
+    sd = torch_io.cast_floats(state_dict, dtype)
+    if dtype:
+        config_dict["dtype"] = dtype
+    return torch_io.save_torch_state_dict(sd, out, config_dict)
 
 
 def export_hf_llava(out: str | os.PathLike, cfg: LlavaConfig, flat: Mapping[str, Any], *, kind: str = "llava",
@@ -249,14 +305,8 @@ def export_hf_llava(out: str | os.PathLike, cfg: LlavaConfig, flat: Mapping[str,
     layout. `dtype` casts floating tensors; `src` names the source in messages, `log` receives notes."""
     if kind != "llava":
         raise WeightMismatchError(f"{src}: holds a {kind!r} model; hf_llava needs a llava model")
-    if any(lora_lib.is_lora_path(k) for k in flat) and log is not None:
-        log(f"{src}: merging the LoRA factors into the LM kernels for the full-model export "
-            "(idmr_jax.weights.llava.export_lora_adapter writes them as a PEFT adapter instead)")
-    sd = torch_io.cast_floats(hf_state_dict(flat, cfg), dtype)
-    cfg_dict = hf_llava_config_dict(cfg)
-    if dtype:
-        cfg_dict["dtype"] = dtype
-    return torch_io.save_torch_state_dict(sd, out, cfg_dict)
+    note_merged_lora(flat, src=src, log=log, adapter_export="idmr_jax.weights.llava.export_lora_adapter")
+    return write_hf_checkpoint(out, hf_state_dict(flat, cfg), hf_llava_config_dict(cfg), dtype)
 
 
 def export_lora_adapter(model_or_flat: Any, cfg: LlavaConfig, out_dir: str | os.PathLike, *,
@@ -266,31 +316,23 @@ def export_lora_adapter(model_or_flat: Any, cfg: LlavaConfig, out_dir: str | os.
     (PEFT ``modules_to_save``). The adapter's ``target_modules`` is a regex restricted to the language model:
     the CLIP tower also has ``q_proj`` / ``k_proj`` / ``v_proj`` modules that short names would match.
     """
-    if cfg.text.lora is None:
-        raise ValueError("the LLaVA config has no LoRA on its language model (cfg.text.lora is None)")
-    flat = flatten_params(model_or_flat) if isinstance(model_or_flat, nnx.Module) else dict(model_or_flat)
-    extra = modules = None
-    if include_projector:
-        proj_map = NameMap(prefixed(projector_rules(cfg), "model.multi_modal_projector.", "projector/"))
-        extra = proj_map.flax_to_torch({k: np.asarray(v) for k, v in flat.items() if k.startswith("projector/")})
-        modules = ["multi_modal_projector"]
-    out = peft.export_peft_adapter(
-        flat, cfg.text, out_dir, module_prefix=LM_MODULE_PREFIX, flax_prefix="lm/",
-        base_model_name_or_path=base_model_name_or_path, task_type=None, extra_tensors=extra,
-        modules_to_save=modules)
-    meta_path = Path(out) / peft.ADAPTER_CONFIG
-    meta = json.loads(meta_path.read_text())
-    names = "|".join(meta["target_modules"])
-    meta["target_modules"] = rf".*{LM_MODULE_PREFIX.rstrip('.')}\..*\.({names})"
-    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return out
+    projector = (NameMap(prefixed(projector_rules(cfg), "model.multi_modal_projector.", "projector/")),
+                 "multi_modal_projector") if include_projector else None
+    return peft.export_lm_lora_adapter(model_or_flat, cfg.text, out_dir, lm_prefix=LM_MODULE_PREFIX,
+                                       projector=projector, base_model_name_or_path=base_model_name_or_path)
+
+
+def import_with_options(load_hf: Callable, kind: str, src: Path, opts: ImportOptions) -> Imported:
+    """``convert import`` of an MLLM format: ``load_hf`` (e.g. :func:`load_hf_llava`) with the command line's
+    options, as a `kind` model."""
+    model, cfg = load_hf(src, config=opts.config, seed=opts.seed, allow_nonfinite=opts.allow_nonfinite,
+                         **opts.overrides())
+    return Imported(kind, model, cfg, [])
 
 
 def import_hf_llava(src: Path, opts: ImportOptions) -> Imported:
     """``convert import --format hf_llava``: :func:`load_hf_llava` with the command line's options."""
-    model, cfg = load_hf_llava(src, config=opts.config, seed=opts.seed, allow_nonfinite=opts.allow_nonfinite,
-                               **opts.overrides())
-    return Imported("llava", model, cfg, [])
+    return import_with_options(load_hf_llava, "llava", src, opts)
 
 
 def export_source(source, src, out, opts: ExportOptions) -> Path:

@@ -7,7 +7,8 @@ named ``base_model.model.<module path>.lora_A.weight`` ``[r, in]`` and ``...lora
 ``PeftModel.from_pretrained(base_torch_model, folder)`` then reproduces the JAX model.
 
 For transformers ``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` the decoder's module path is ``model.`` (the default
-`module_prefix`); for transformers 5 ``LlavaForConditionalGeneration`` it is ``model.language_model.``.
+`module_prefix`); for transformers 5 ``LlavaForConditionalGeneration`` (and the InternVL / Qwen2-VL classes) it is
+``model.language_model.``: :func:`export_lm_lora_adapter` writes the adapters of those multimodal models.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import nnx
 
 from idmr_jax.models.decoder_lm import DecoderLMConfig
 from idmr_jax.weights import torch_io
 from idmr_jax.weights.decoder_lm import lora_rules, lora_target_modules
-from idmr_jax.weights.mapping import NameMap, WeightMismatchError, unstack_from_model
+from idmr_jax.weights.mapping import NameMap, WeightMismatchError, flatten_params, unstack_from_model
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -109,6 +111,40 @@ def export_peft_adapter(lora_flat_params: Mapping[str, Any], lm_cfg: DecoderLMCo
     cfg = adapter_config(lm_cfg, base_model_name_or_path=base_model_name_or_path, task_type=task_type,
                          modules_to_save=modules_to_save)
     (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def export_lm_lora_adapter(model_or_flat: Any, lm_cfg: DecoderLMConfig, out_dir: str | os.PathLike, *,
+                           lm_prefix: str, projector: tuple[NameMap, str] | None = None,
+                           base_model_name_or_path: str = "") -> Path:
+    """The LoRA adapter of a multimodal model's language model (flax params under ``lm/``) as a PEFT folder.
+
+    `model_or_flat`: the embedder (an nnx Module) or its flat params. `lm_prefix`: the decoder's module path in the
+    transformers model (``model.language_model.``). `projector`: (its NameMap from flax ``projector/`` params to
+    torch names, the module name PEFT's ``modules_to_save`` matches) to also save the projector as a fully trained
+    module; None: the adapter holds the LoRA factors only. ``target_modules`` becomes a regex restricted to the
+    language model, since the vision towers have ``q_proj`` / ``k_proj`` / ``v_proj`` modules that short names
+    would match too; ``lm_head`` sits outside the language model, at the top level, and is matched by its name.
+    """
+    if lm_cfg.lora is None:
+        raise ValueError("the model has no LoRA on its language model (cfg.text.lora is None)")
+    flat = flatten_params(model_or_flat) if isinstance(model_or_flat, nnx.Module) else dict(model_or_flat)
+    extra = modules = None
+    if projector is not None:
+        name_map, module = projector
+        extra = name_map.flax_to_torch({k: np.asarray(v) for k, v in flat.items() if k.startswith("projector/")})
+        modules = [module]
+    out = export_peft_adapter(flat, lm_cfg, out_dir, module_prefix=lm_prefix, flax_prefix="lm/",
+                              base_model_name_or_path=base_model_name_or_path, task_type=None, extra_tensors=extra,
+                              modules_to_save=modules)
+    meta_path = Path(out) / ADAPTER_CONFIG
+    meta = json.loads(meta_path.read_text())
+    names = "|".join(n for n in meta["target_modules"] if n != "lm_head")
+    pattern = rf".*{lm_prefix.rstrip('.')}\..*\.({names})" if names else ""
+    if "lm_head" in meta["target_modules"]:
+        pattern = f"{pattern}|lm_head" if pattern else "lm_head"
+    meta["target_modules"] = pattern
+    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
 
 

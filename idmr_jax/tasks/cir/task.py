@@ -106,7 +106,7 @@ def model_kind(config: ml_collections.ConfigDict) -> str:
     """The model kind of a cir config: the family task's."""
     from idmr_jax import tasks
 
-    return tasks.task_module(family_config(config)).MODEL_KIND
+    return tasks.model_config_of(family_config(config))[0]
 
 
 def model_config(config: ml_collections.ConfigDict):

@@ -27,3 +27,4 @@ model_config = embedder.model_config
 # The task registry's convention (idmr_jax/tasks/__init__.py).
 TASK = IdmrTask
 MODEL_KIND = universal.MODEL_KIND
+model_kind = universal.model_kind

@@ -30,6 +30,7 @@ from idmr_jax.tasks.rerank.scoring import last_logits
 from idmr_jax.tasks.universal import model as embedder
 from idmr_jax.tasks.universal.task import UniversalTask
 from idmr_jax.tasks.universal.task import family_task as universal_family
+from idmr_jax.tasks.universal.task import model_kind as universal_model_kind
 
 PREFIXES = ("point", "list")
 
@@ -137,12 +138,11 @@ class RerankTask(UniversalTask):
         return pipeline.train_iterator(self)
 
     def evaluate(self, model, workdir: epath.Path, step: int) -> dict:
-        """No benchmark of its own yet: a reranker is measured on a retriever's top K
-        (`idmr_jax.tasks.rerank.rerank.rerank_queries`), which the closed-loop config of issue 17 will run; until
-        then a trained reranker is evaluated from Python. Asking for it here is an error, not an empty result."""
-        del model, workdir, step
-        raise ValueError("the rerank task has no evaluation of its own yet: set config.eval.at_end=False and rerank "
-                         "a retriever's top K with idmr_jax.tasks.rerank.rerank.rerank_queries")
+        """The reranker on its retriever's top K of the val split (`idmr_jax.tasks.rerank.evaluate`)."""
+        del step
+        from idmr_jax.tasks.rerank.evaluate import evaluate_reranker
+
+        return evaluate_reranker(self, model, workdir)
 
 
 def family_task(config: ml_collections.ConfigDict) -> str:
@@ -154,3 +154,4 @@ model_config = embedder.model_config
 # The task registry's convention (idmr_jax/tasks/__init__.py).
 TASK = RerankTask
 MODEL_KIND = "llava"
+model_kind = universal_model_kind

@@ -11,7 +11,11 @@ the real InstructCIR path: jsonl files in the converter's formats are written fi
 - stage 2 (``"instructions"``): one triplet per TRAIN quadruple: the reference image, the quadruple's
   modification text as the instruction, the target's caption as the modified caption and the reference's caption
   as the original caption (the hard negative);
-- val (both stages): the VAL quadruples as zero-shot CIR shards of the universal query / candidate kinds:
+- ``"cir_pairs"`` (the retrieve-mine-rerank loop of ``configs/rerank.py:demo``): one pair per TRAIN quadruple,
+  the task the val shards measure: the reference image with the modification text -> the target image, no
+  negatives of its own; ``extra``: the target's ``instance``, ``instance_positives`` (every TRAIN image of that
+  instance: never mined as a negative) and the ``reference``;
+- val (every stage): the VAL quadruples as zero-shot CIR shards of the universal query / candidate kinds:
   ``queries-*`` (reference image + modification text, positives = the target, ``extra``: ``key`` and ``pool``
   "demo_cir", ``reference``, ``instance`` and ``instance_positives``: every val image of the same instance) and
   ``candidates-*`` (every val image, ``extra.pools`` = ["demo_cir"]), evaluated by
@@ -23,6 +27,7 @@ Layout under ``config.data.demo_cache`` (default ``~/.cache/idmr_jax/universal_d
     <size>-seed<seed>/sources/              captions.train.jsonl, triplets.train.jsonl
     <size>-seed<seed>/stage1_captions/      train-*.array_record + manifest.json
     <size>-seed<seed>/stage2_instructions/  train-*.array_record + manifest.json
+    <size>-seed<seed>/cir_pairs/            train-*.array_record + manifest.json
     <size>-seed<seed>/val/                  queries-*, candidates-* + manifest.json
 
 Everything is a function of (seed, size) and reused when already built (unchanged shards are not rewritten).
@@ -46,7 +51,7 @@ from idmr_jax.tasks.universal import records
 from idmr_jax.tasks.universal.demo_eval import CIR_KEY
 from idmr_jax.tasks.universal.instructcir_data import convert_pairs
 
-STAGES = {"captions": "stage1_captions", "instructions": "stage2_instructions"}
+STAGES = {"captions": "stage1_captions", "instructions": "stage2_instructions", "cir_pairs": "cir_pairs"}
 # Caption templates. {a_obj}: the category with its article, {ctx}: the context's description, {where}: position
 # phrase, {size}: size phrase (the phrases of `idmr_jax.data.demo_bench.texts`, so captions and modification texts
 # speak alike).
@@ -192,15 +197,60 @@ def _write_val(bench: str, out: str) -> dict:
     return manifest
 
 
+def _produce_cir_pairs(task: dict) -> Iterator[bytes]:
+    """Worker entry point of the ``cir_pairs`` shard: one encoded pair per TRAIN quadruple."""
+    root = task["root"]
+
+    def image(rel: str) -> bytes:
+        return image_files.read_image_file(os.path.join(root, rel), root)[0]
+
+    for item in task["items"]:
+        query = records.Side(id=item["qid"], text=item["text"], image=image(item["reference_path"]),
+                             modality="image,text")
+        positive = records.Side(id=item["target"], text=None, image=image(item["target_path"]), modality="image")
+        yield records.encode_pair(records.TrainingPair(
+            pair_id=item["qid"], query=query, instruction_set=(), task_id=CIR_TASK_ID, dataset_id=0,
+            positive=positive, negatives=(), source_index=item["source_index"], extra=item["extra"]))
+
+
+def _write_cir_pairs(bench: str, out: str) -> dict:
+    """The ``cir_pairs`` training shard of the TRAIN quadruples (module docstring) -> its manifest."""
+    meta, paths, quadruples = _bench_files(bench, "train")
+    instance_of = {name: meta["images"][name]["instance"] for name in paths}
+    by_instance: dict[str, list[str]] = {}
+    for name, inst in instance_of.items():
+        by_instance.setdefault(inst, []).append(name)
+    items = [dict(qid=f"{CIR_KEY}:train:{q}", text=row["modification_text_mllm"], target=row["target"],
+                  reference_path=paths[row["reference"]], target_path=paths[row["target"]], source_index=q,
+                  extra=json.dumps({"instance": instance_of[row["target"]], "reference": row["reference"],
+                                    "instance_positives": by_instance[instance_of[row["target"]]]}, sort_keys=True))
+             for q, row in enumerate(quadruples)]
+    build = _read_json(os.path.join(bench, builder.BUILD_INFO))["content_sha256"]
+    task = {"items": items}
+    digest = json_digest({"schema": records.SCHEMA_VERSION, "writer": WRITER_OPTIONS, "build": build, **task})
+    plan = ShardPlan(shard_name("train", 0, 1), digest, {**task, "root": os.path.join(bench, builder.IMAGE_ROOT)})
+    os.makedirs(out, exist_ok=True)
+    state = open_shard_state(out, {"tool": VAL_TOOL, "split": "cir_pairs"})
+    infos, _, _ = write_shards(out, [plan], _produce_cir_pairs, state)
+    manifest = {"tool": {"name": VAL_TOOL}, "record_schema_version": records.SCHEMA_VERSION,
+                "benchmark_content_sha256": build, "counts": {"pairs": len(items), "instances": len(by_instance)},
+                "shards": {"train": [dataclasses.asdict(infos[0])]}}
+    write_json_atomic(os.path.join(out, "manifest.json"), manifest)
+    return manifest
+
+
 def build_demo_data(cache: str, seed: int, size: str, stage: str) -> tuple[str, str]:
     """Builds (or reuses) the benchmark, the `stage`'s training shards and the val shards -> (train_dir, val_dir)."""
     if stage not in STAGES:
         raise ValueError(f"config.data.demo_stage = {stage!r}: use one of {sorted(STAGES)}")
     dirs = demo_dirs(cache, seed, size)
     bench = os.fspath(builder.build_demo_benchmark(dirs["benchmark"], seed=seed, size=size))
-    sources = _write_sources(bench, dirs["sources"], seed)
-    fmt = "captions" if stage == "captions" else "triplets"
-    convert_pairs(fmt, sources[stage], os.path.join(bench, builder.IMAGE_ROOT), dirs[stage], strict=True)
+    if stage == "cir_pairs":
+        _write_cir_pairs(bench, dirs[stage])
+    else:
+        sources = _write_sources(bench, dirs["sources"], seed)
+        fmt = "captions" if stage == "captions" else "triplets"
+        convert_pairs(fmt, sources[stage], os.path.join(bench, builder.IMAGE_ROOT), dirs[stage], strict=True)
     _write_val(bench, dirs["val"])
     return dirs[stage], dirs["val"]
 

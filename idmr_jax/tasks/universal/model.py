@@ -3,11 +3,14 @@ batch of prompts becomes embeddings.
 
     embedding = pool(LM(prompt tokens with the projected vision features spliced in at the image tokens))
 
-The model is `idmr_jax.models.llava.LlavaEmbedder`; ``config.model`` and ``config.precision`` pick its sizes and
-dtypes, ``config.model.lora`` its adapters.
+The model is a backbone's embedder (``config.model.backbone``, `idmr_jax.tasks.universal.backbones`: LLaVA,
+InternVL or Qwen2-VL); ``config.model`` and ``config.precision`` pick its sizes and dtypes, ``config.model.lora``
+its adapters.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -15,14 +18,14 @@ import ml_collections
 from flax import nnx
 
 from idmr_jax import precision
+from idmr_jax.data.image_ops import CLIP_MEAN, CLIP_STD
 from idmr_jax.losses import gradcache
 from idmr_jax.models import lora as lora_lib
-from idmr_jax.models import pooling
 from idmr_jax.models.decoder_lm import DecoderLMConfig
 from idmr_jax.models.efficientnet import EfficientNetEncoderConfig, EfficientNetLiteConfig
-from idmr_jax.models.llava import LlavaConfig, LlavaEmbedder, splice_image_features, splice_row_features
+from idmr_jax.models.llava import LlavaConfig
 from idmr_jax.models.vit import vit_config
-from idmr_jax.sharding import constrain
+from idmr_jax.tasks.universal import backbones
 
 
 def uses_lora(m: ml_collections.ConfigDict) -> bool:
@@ -55,27 +58,36 @@ def _part_dtypes(config: ml_collections.ConfigDict) -> dict[str, dict[str, str]]
             for part, is_frozen in frozen.items()}
 
 
-def model_config(config: ml_collections.ConfigDict) -> LlavaConfig:
-    """LlavaConfig from ``config.model`` and ``config.precision`` (:mod:`idmr_jax.precision`): the sizes of
-    ``init.path``'s config.json when a transformers LLaVA checkpoint is given (``init.format == "hf_llava"``), else
-    the sizes in the config."""
+def model_config(config: ml_collections.ConfigDict):
+    """The embedder's model config (`idmr_jax.tasks.universal.backbones`: a LlavaConfig, InternVLConfig or
+    Qwen2VLConfig) from ``config.model`` and ``config.precision`` (:mod:`idmr_jax.precision`): the sizes of
+    ``init.path``'s config.json when a transformers checkpoint of the backbone is given (``init.format`` hf_llava /
+    hf_internvl / hf_qwen2vl), else the sizes in the config."""
     if "model" not in config:
         raise TypeError("model_config takes the whole config (config.precision sets the dtypes), not config.model")
     m = config.model
     v, t = m.vision, m.text
+    backbone = backbones.backbone_of(m)
     lora = lora_config(config)
     dt = _part_dtypes(config)
     projector = dict(projector_dtype=dt["projector"]["dtype"], projector_param_dtype=dt["projector"]["param_dtype"])
-    if m.init.format == "hf_llava" and m.init.path:
-        import dataclasses
-
-        from idmr_jax.weights import llava, torch_io
-
-        cfg = llava.llava_config_from_hf(torch_io.read_hf_config(m.init.path))
+    pooled = dict(pooling=m.pooling, pooling_token_id=m.get("pooling_token_id"))
+    # The pipelines normalise pixels with CLIP's statistics; a backbone trained on others re-normalises (InternVL).
+    pooled.update(input_mean=CLIP_MEAN, input_std=CLIP_STD)
+    if m.init.format == backbones.INIT_FORMATS[backbone] and m.init.path:
+        cfg = backbones.checkpoint_config(backbone, m.init.path)
         text = dataclasses.replace(cfg.text, remat=t.remat, scan=t.scan, lora=lora, **dt["text"])
         vision = dataclasses.replace(cfg.vision, **dt["vision"])
-        return dataclasses.replace(cfg, vision=vision, text=text, pooling=m.pooling,
-                                   pooling_token_id=m.get("pooling_token_id"), **projector)
+        return backbones.with_fields(cfg, vision=vision, text=text, **pooled, **projector)
+    text = DecoderLMConfig(
+        family=t.family, vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, rope_theta=t.rope_theta,
+        rms_norm_eps=t.rms_norm_eps, max_position_embeddings=t.max_position_embeddings,
+        tie_word_embeddings=t.tie_word_embeddings, remat=t.remat, scan=t.scan, lora=lora,
+        initializer_range=t.initializer_range, mrope_section=t.get("mrope_section"), **dt["text"])
+    if backbone != "llava":
+        vision = backbones.sized_vision(backbone, v, t.hidden_size, dt["vision"])
+        return backbones.sized_config(backbone, m, vision, text, normalize=True, **pooled, **projector)
     if v.kind == "efficientnet":
         vision = EfficientNetEncoderConfig(backbone=EfficientNetLiteConfig(**dt["vision"]),
                                            feature_stride=v.feature_stride)
@@ -83,15 +95,9 @@ def model_config(config: ml_collections.ConfigDict) -> LlavaConfig:
     else:
         vision = vit_config(v.variant, image_size=v.image_size, remat=v.remat, scan=v.scan, **dt["vision"])
         layer = m.vision_feature_layer
-    text = DecoderLMConfig(
-        family=t.family, vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, rope_theta=t.rope_theta,
-        rms_norm_eps=t.rms_norm_eps, max_position_embeddings=t.max_position_embeddings,
-        tie_word_embeddings=t.tie_word_embeddings, remat=t.remat, scan=t.scan, lora=lora,
-        initializer_range=t.initializer_range, **dt["text"])
-    return LlavaConfig(vision=vision, text=text, image_token_id=m.image_token_id, vision_feature_layer=layer,
-                       vision_feature_select_strategy="default", projector_hidden_act="gelu",
-                       pooling=m.pooling, pooling_token_id=m.get("pooling_token_id"), normalize=True, **projector)
+    return backbones.with_fields(LlavaConfig(
+        vision=vision, text=text, image_token_id=m.image_token_id, vision_feature_layer=layer,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu", normalize=True), **pooled, **projector)
 
 
 def frozen_patterns(m: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -104,30 +110,7 @@ def frozen_patterns(m: ml_collections.ConfigDict) -> tuple[str, ...]:
     return tuple(frozen)
 
 
-def embed_from_features(model: LlavaEmbedder, features: jax.Array, ids: jax.Array, mask: jax.Array, *,
-                        deterministic: bool = True) -> jax.Array:
-    """``model.embed`` from precomputed ``model.vision_features(pixels)`` (the same steps after the vision tower)."""
-    cfg = model.cfg
-    image = constrain(model.projector(features), ("batch", "length", "embed"))
-    embeds = splice_image_features(model.lm.embed(ids), ids, cfg.image_token_id, image)
-    hidden = model.lm(inputs_embeds=embeds, attention_mask=mask, deterministic=deterministic)
-    return pooling.pool(hidden, mask, ids, method=cfg.pooling, token_id=cfg.pooling_token_id,
-                        normalize=cfg.normalize)
-
-
-def embed_from_row_features(model: LlavaEmbedder, features: jax.Array, has_image: jax.Array, ids: jax.Array,
-                            mask: jax.Array, *, deterministic: bool = True) -> jax.Array:
-    """`embed_from_features` for a batch mixing rows with and without an image: ``features [B, N, Dv]`` are each
-    row's vision features (zeros where ``has_image`` is False; those rows' prompts hold no image token)."""
-    cfg = model.cfg
-    image = constrain(model.projector(features), ("batch", "length", "embed"))
-    embeds = splice_row_features(model.lm.embed(ids), ids, cfg.image_token_id, image, has_image)
-    hidden = model.lm(inputs_embeds=embeds, attention_mask=mask, deterministic=deterministic)
-    return pooling.pool(hidden, mask, ids, method=cfg.pooling, token_id=cfg.pooling_token_id,
-                        normalize=cfg.normalize)
-
-
-def encode_rows(model: LlavaEmbedder, x: dict, key) -> jax.Array:
+def encode_rows(model: nnx.Module, x: dict, key) -> jax.Array:
     """One (chunk of a) batch of prompts through the embedder; dropout (LoRA's) seeded by `key`.
 
     `x` holds ``ids`` and ``mask`` and one of: ``pixels`` (every row has an image), ``vision`` (the vision tower's
@@ -139,10 +122,10 @@ def encode_rows(model: LlavaEmbedder, x: dict, key) -> jax.Array:
     deterministic = key is None
     if "has_image" in x:
         features = x["vision"] if "vision" in x else model.vision_features(x["pixels"])
-        return embed_from_row_features(model, features, x["has_image"], x["ids"], x["mask"],
+        return model.embed_from_vision(features, x["ids"], x["mask"], has_image=x["has_image"],
                                        deterministic=deterministic)
     if "vision" in x:
-        return embed_from_features(model, x["vision"], x["ids"], x["mask"], deterministic=deterministic)
+        return model.embed_from_vision(x["vision"], x["ids"], x["mask"], deterministic=deterministic)
     return model.embed(x["ids"], x["mask"], x.get("pixels"), deterministic=deterministic)
 
 
@@ -166,7 +149,7 @@ def rows_from_slots(slot_features: jax.Array, has_image: jax.Array, num_shards: 
     return picked.reshape(rows, *slot_features.shape[1:])
 
 
-def frozen_vision_features(model: LlavaEmbedder, pixels: jax.Array, num_chunks: int) -> jax.Array:
+def frozen_vision_features(model: nnx.Module, pixels: jax.Array, num_chunks: int) -> jax.Array:
     """The frozen tower's features, in GradCache's chunks (bounded activation memory), without gradient."""
     if num_chunks <= 1:
         return jax.lax.stop_gradient(model.vision_features(pixels))

@@ -35,15 +35,14 @@ from idmr_jax.losses import gradcache
 from idmr_jax.losses.contrastive import BATCH_AXES, global_infonce
 from idmr_jax.models.efficientnet import EfficientNetEncoderConfig
 from idmr_jax.models.init_keys import model_rngs
-from idmr_jax.models.llava import LlavaConfig, LlavaEmbedder
-from idmr_jax.models.vision import vision_grid
+from idmr_jax.tasks.universal import backbones
 from idmr_jax.tasks.universal import model as embedder
 from idmr_jax.train.state import frozen_filter
 
 BATCH_KEYS = ("query", "cand", "hn")
 DATA_FORMATS = ("pairs", "triplets")
 BENCHMARKS = ("mbeir", "idmr", "demo_cir")
-INIT_FORMATS = ("hf_llava", "workdir")
+INIT_FORMATS = (*backbones.INIT_FORMATS.values(), "workdir")
 
 
 class UniversalTask:
@@ -63,14 +62,15 @@ class UniversalTask:
             raise ValueError(f"config.data.format = {self.data_format!r}: use one of {DATA_FORMATS}")
 
     @functools.cached_property
-    def model_config(self) -> LlavaConfig:
-        """`embedder.model_config` of the config, on first use (``hf_llava`` reads the checkpoint's config.json)."""
+    def model_config(self):
+        """`embedder.model_config` of the config, on first use (an ``hf_*`` init reads the checkpoint's
+        config.json)."""
         return embedder.model_config(self.config)
 
     @functools.cached_property
     def image_tokens(self) -> int:
         """Image placeholder tokens per prompt: the vision grid's features at ``config.data.image_size``."""
-        return self.model_config.image_tokens(vision_grid(self.model_config.vision, self.config.data.image_size))
+        return self.model_config.tokens_per_image(self.config.data.image_size)
 
     @functools.cached_property
     def vision_frozen(self) -> bool:
@@ -81,14 +81,15 @@ class UniversalTask:
         return not any(str(path[0]) == "vision" for path, _ in nnx.to_flat_state(trainable))
 
     # ------------------------------------------------------------------ model
-    def build_model(self) -> LlavaEmbedder:
+    def build_model(self) -> nnx.Module:
         seed = self.config.seed
-        return LlavaEmbedder(self.model_config, rngs=model_rngs(params=seed, dropout=seed + 1))
+        return backbones.build_embedder(self.model_config, rngs=model_rngs(params=seed, dropout=seed + 1))
 
     def load_pretrained(self, state, mesh):
         """Packaged EfficientNet weights for the demo's vision tower; then ``config.model.init``: a transformers
-        LLaVA (``hf_llava``) or another run's trained weights (``workdir``: its latest checkpoint, e.g. InstructCIR's
-        stage 1 for stage 2; parameters it lacks, such as new LoRA factors, keep their initialisation)."""
+        checkpoint of the backbone (``hf_llava`` / ``hf_internvl`` / ``hf_qwen2vl``) or another run's trained
+        weights (``workdir``: its latest checkpoint, e.g. InstructCIR's stage 1 for stage 2; parameters it lacks,
+        such as new LoRA factors, keep their initialisation)."""
         from idmr_jax.train.state import RANDOM_INIT, write_into_state
 
         flat = {}
@@ -100,16 +101,15 @@ class UniversalTask:
         init = self.config.model.init
         if init.format in INIT_FORMATS and not init.path:
             raise ValueError(f"config.model.init.format is {init.format!r} but config.model.init.path is empty: give "
-                             "the checkpoint folder (hf_llava) or the training workdir (workdir), or set format='' "
+                             "the checkpoint folder (hf_*) or the training workdir (workdir), or set format='' "
                              "to train from scratch")
         source = init.format or "packaged weights"
-        if init.format == "hf_llava":
-            from idmr_jax.weights.llava import convert_state_dict
-            from idmr_jax.weights.torch_io import load_torch_state_dict
-
-            converted, _ = convert_state_dict(load_torch_state_dict(init.path, float_dtype=np.float32),
-                                              self.model_config, source=init.path)
-            flat.update(converted)
+        if init.format in backbones.INIT_FORMATS.values():
+            backbone = backbones.backbone_of(self.config.model)
+            if init.format != backbones.INIT_FORMATS[backbone]:
+                raise ValueError(f"config.model.init.format {init.format!r} is not a {backbone} checkpoint: use "
+                                 f"{backbones.INIT_FORMATS[backbone]!r} or set config.model.backbone")
+            flat.update(backbones.checkpoint_params(backbone, init.path, self.model_config))
         elif init.format == "workdir":
             from idmr_jax.weights.workdir import restore
 
@@ -117,7 +117,8 @@ class UniversalTask:
             flat.update(checkpoint.flat)
             source = str(checkpoint.step_dir)
         elif init.format not in ("", RANDOM_INIT):
-            raise ValueError(f"unknown config.model.init.format {init.format!r}; use hf_llava, workdir, random or ''")
+            raise ValueError(f"unknown config.model.init.format {init.format!r}; use "
+                             f"{', '.join(backbones.INIT_FORMATS.values())}, workdir, random or ''")
         if not flat:
             return state
         state, loaded = write_into_state(state, flat, source=source)
@@ -128,7 +129,7 @@ class UniversalTask:
     def _trainable(self):
         return nnx.All(nnx.Param, nnx.Not(frozen_filter(self.frozen_patterns)))
 
-    def _side_inputs(self, model: LlavaEmbedder, batch: dict, prefix: str, chunk_size: int, mesh) -> dict:
+    def _side_inputs(self, model: nnx.Module, batch: dict, prefix: str, chunk_size: int, mesh) -> dict:
         """The encoder inputs of one side, rows flattened (hard negatives ``[B, Nh, ...]`` -> ``[B*Nh, ...]``)."""
         ids = batch[f"{prefix}_ids"]
         x = {"ids": ids.reshape(-1, ids.shape[-1]), "mask": batch[f"{prefix}_mask"].reshape(-1, ids.shape[-1])}
@@ -159,7 +160,7 @@ class UniversalTask:
         x["vision"] = embedder.rows_from_slots(features, x["has_image"], batch_shards(mesh))
         return x
 
-    def loss_fn(self, model: LlavaEmbedder, batch: dict, rng: jax.Array, *, mesh) -> tuple[jax.Array, dict]:
+    def loss_fn(self, model: nnx.Module, batch: dict, rng: jax.Array, *, mesh) -> tuple[jax.Array, dict]:
         """InfoNCE of queries against the global batch's candidates (+ hard negatives), optionally via GradCache."""
         lc = self.config.loss
         chunk = int(lc.gradcache_chunk)
@@ -236,7 +237,7 @@ class UniversalTask:
                                        d.image_size)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, model: LlavaEmbedder, workdir: epath.Path, step: int) -> dict:
+    def evaluate(self, model: nnx.Module, workdir: epath.Path, step: int) -> dict:
         """``config.eval.benchmark``: "mbeir" (converted M-BEIR shards in ``data.val_dir``), "idmr" (instance
         retrieval R@K / R_ID@K on IDMR triplets or the fake pool) or "demo_cir" (the demo's zero-shot CIR)."""
         benchmark = self.config.eval.get("benchmark", self.default_benchmark)
@@ -266,3 +267,8 @@ model_config = embedder.model_config
 # The task registry's convention (idmr_jax/tasks/__init__.py).
 TASK = UniversalTask
 MODEL_KIND = "llava"
+
+
+def model_kind(config: ml_collections.ConfigDict) -> str:
+    """The saved model kind of the config's backbone (``llava``, ``internvl`` or ``qwen2vl``)."""
+    return backbones.model_kind(model_config(config))

@@ -17,7 +17,8 @@ The argument after ':' is a comma-separated list of keywords:
   demo                  the retrieve-mine-rerank loop on the laptop demo (`idmr_jax/tasks/rerank/loop.py`):
                         train an embedder on the demo's CIR pairs (reference image + modification text -> target
                         image), index the pairs' candidates, mine negatives from its own top k, train it further on
-                        them, train the reranker from it, rerank its top 5 on the demo's val split. One command:
+                        them (and, as a control, as long on random negatives; ``loop.control = []`` skips it), train
+                        the reranker from it, rerank its top 5 on the demo's val split. One command:
 
       python -m idmr_jax.main --config=configs/rerank.py:demo --workdir=W
 

@@ -37,7 +37,7 @@ LONGEST_FIRST = (
     "test_multihost.py", "test_train.py", "test_notebooks.py", "test_idmr_task.py", "test_workdir_safety.py",
     "test_demo.py", "test_export.py", "test_cir_eval.py", "test_universal_train.py", "test_instructcir_recipe.py",
     "test_bench.py", "test_convert.py", "test_oacir_pipeline.py", "test_serving.py", "test_qformer.py",
-    "test_backbones.py", "test_rerank_loop.py", "test_internvl.py", "test_qwen2vl.py",
+    "test_analysis.py", "test_backbones.py", "test_rerank_loop.py", "test_internvl.py", "test_qwen2vl.py",
 )
 
 

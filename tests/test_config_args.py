@@ -15,6 +15,8 @@ def test_keywords_values_and_bare_flags():
 def test_unknown_keywords_are_refused_by_both_configs():
     with pytest.raises(ValueError, match=r"unknown config keywords \['tinny'\]; known: \["):
         oacir.get_config("tinny")
-    with pytest.raises(ValueError, match=r"unknown config keywords \['lamra2'\]; known: \['demo', 'fake'"):
+    with pytest.raises(ValueError, match=r"unknown config keywords \['lamra2'\]; known: \['backbone', 'demo', 'fake'"):
         idmr.get_config("lamra2,tiny")
+    with pytest.raises(ValueError, match="backbone=llava2: use llava, internvl, qwen2vl"):
+        idmr.get_config("tiny,backbone=llava2")
     assert oacir.get_config("tiny,fixed_beta=0.3").model.fixed_beta == pytest.approx(0.3)

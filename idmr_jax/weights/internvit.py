@@ -17,7 +17,7 @@ from idmr_jax.models.internvit import InternViTConfig
 from idmr_jax.weights.llava import activation_from_hf, activation_to_hf
 from idmr_jax.weights.mapping import CONV2D, IDENTITY, LINEAR, Rule, per_layer
 from idmr_jax.weights.torch_io import hf_config_as_dict
-from idmr_jax.weights.vit import checked_reshape, linear_nd
+from idmr_jax.weights.vit import checked_reshape, linear_nd, square_size
 
 
 def _norm_rules(torch_name: str, flax_path: str, with_bias: bool) -> list[Rule]:
@@ -57,14 +57,6 @@ def internvit_rules(cfg: InternViTConfig) -> list[Rule]:
     return rules
 
 
-def _square(v: Any, what: str) -> int:
-    if isinstance(v, list | tuple):
-        if len(set(v)) != 1:
-            raise ValueError(f"non-square {what} {v} is not supported")
-        v = v[0]
-    return int(v)
-
-
 def internvit_config_from_hf(hf_vision_config: Any, **overrides) -> InternViTConfig:
     """An :class:`InternViTConfig` from a transformers ``InternVLVisionConfig`` (or its dict); `overrides` set
     execution options (dtype, remat, ...). Masked-image-modelling configs (``use_mask_token``) are refused."""
@@ -78,8 +70,8 @@ def internvit_config_from_hf(hf_vision_config: Any, **overrides) -> InternViTCon
     kwargs = dict(
         width=int(c.get("hidden_size", 1024)), depth=int(c.get("num_hidden_layers", 24)),
         num_heads=int(c.get("num_attention_heads", 16)), mlp_dim=int(c.get("intermediate_size", 4096)),
-        patch_size=_square(c.get("patch_size", 14), "patch_size"), image_size=_square(c.get("image_size", 448),
-                                                                                      "image_size"),
+        patch_size=square_size(c.get("patch_size", 14), "patch_size"),
+        image_size=square_size(c.get("image_size", 448), "image_size"),
         act=activation_from_hf(c.get("hidden_act", "gelu"), "vision hidden_act"),
         qkv_bias=bool(c.get("attention_bias", False)), use_qk_norm=bool(c.get("use_qk_norm", False)),
         norm_type=c.get("norm_type", "layer_norm"), layer_norm_eps=float(c.get("layer_norm_eps", 1e-6)),

@@ -227,7 +227,8 @@ _HF_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gel
 _STYLE_OF_MODEL_TYPE = {"blip_2_vision_model": "eva", "clip_vision_model": "clip"}
 
 
-def _square(v: Any, what: str) -> int:
+def square_size(v: Any, what: str) -> int:
+    """A transformers size field (an int, or a square [h, w]) as one int; ValueError naming `what` if not square."""
     if isinstance(v, list | tuple):
         if len(set(v)) != 1:
             raise ValueError(f"non-square {what} {v} is not supported")
@@ -253,8 +254,8 @@ def vit_config_from_hf(hf_vision_config: Any, **overrides) -> ViTConfig:
         depth=int(c["num_hidden_layers"]),
         num_heads=int(c["num_attention_heads"]),
         mlp_dim=int(c["intermediate_size"]),
-        patch_size=_square(c["patch_size"], "patch_size"),
-        image_size=_square(c["image_size"], "image_size"),
+        patch_size=square_size(c["patch_size"], "patch_size"),
+        image_size=square_size(c["image_size"], "image_size"),
         layer_norm_eps=float(c["layer_norm_eps"]),
         act=_HF_ACT[c["hidden_act"]],
     )

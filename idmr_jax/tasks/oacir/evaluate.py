@@ -5,6 +5,13 @@ Outputs (the contract the checks read): ``WORKDIR/eval/metrics.json`` (flat ``"<
 are available, one PNG result grid per subset. ``WORKDIR`` may be local or ``gs://`` (files go through
 ``etils.epath``); only process 0 writes.
 
+With CAAM or a fixed beta (``config.model.beta_mode`` "adaptive" | "fixed"; not for the "none" baseline, which has
+no beta) it also writes ``WORKDIR/eval/betas.jsonl``: one ``{"query_id", "subset", "beta", "reference", "target",
+"box_area_fraction"}`` per query, ``query_id`` and ``subset`` as in ``rankings.jsonl``. ``beta`` is a float (scalar
+CAAM) or a list (one per query token, ``vector``); ``box_area_fraction`` is the annotated reference box's share of
+the reference image (before any ``box_perturbation``), null without a box. The CAAM analyses (`idmr_jax.analysis`)
+read it.
+
 Multi-process: every process runs the same loop over the same (global) data; each block is placed on the
 whole mesh and the features come back replicated (`idmr_jax.evaluation.blocks`), so every process ends with the
 same numbers.
@@ -12,7 +19,8 @@ same numbers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Sequence
 
 import jax
 import ml_collections
@@ -104,6 +112,31 @@ def write_outputs(workdir, per_subset: dict, records: Iterable[dict]) -> dict:
     return flat
 
 
+def beta_records(subset: str, query_ids: Sequence[str], betas: np.ndarray, *, references: Sequence[str],
+                 targets: Sequence[str], box_fractions: Sequence[float | None]) -> list[dict]:
+    """The ``betas.jsonl`` records of one subset: `betas` [N, 1] (scalar CAAM) or [N, Q] (one per query token)."""
+    betas = np.asarray(betas, np.float64).reshape(len(query_ids), -1)
+    return [{"query_id": str(q), "subset": subset, "beta": float(b[0]) if b.size == 1 else b.tolist(),
+             "reference": str(r), "target": str(t), "box_area_fraction": None if f is None else float(f)}
+            for q, b, r, t, f in zip(query_ids, betas, references, targets, box_fractions)]
+
+
+def write_betas(workdir, records: Iterable[dict], config) -> None:
+    """``WORKDIR/eval/betas.jsonl`` from process 0, unless the model has no beta (``beta_mode == "none"``)."""
+    if config.model.beta_mode == "none" or jax.process_index() != 0:
+        return
+    (outputs.eval_dir(workdir) / "betas.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _box_fraction(query) -> float | None:
+    """The reference box's share of the stored reference image, or None without a box."""
+    if query.reference_box is None:
+        return None
+    x1, y1, x2, y2 = query.reference_box
+    w, h = query.reference_size
+    return max(x2 - x1, 0.0) * max(y2 - y1, 0.0) / float(w * h)
+
+
 def evaluate_fake(model, spec, config: ml_collections.ConfigDict, workdir) -> dict:
     """The protocol on the synthetic pool: gallery = every target, queries = every example."""
     from idmr_jax.tasks.oacir import fake
@@ -111,13 +144,18 @@ def evaluate_fake(model, spec, config: ml_collections.ConfigDict, workdir) -> di
     pool = fake.make_pool(spec)
     enc = FeatureEncoder.from_config(model, config)
     gallery = enc.targets(pool["tgt_pixels"])
-    q, _ = enc.queries(pool["ref_pixels"], pool["input_ids"], pool["attention_mask"], pool["box_mask"])
+    q, betas = enc.queries(pool["ref_pixels"], pool["input_ids"], pool["attention_mask"], pool["box_mask"])
     n = len(q)
     names = [f"target_{i:05d}" for i in range(n)]
+    refs, query_ids = [f"reference_{i:05d}" for i in range(n)], [f"query_{i:05d}" for i in range(n)]
     m, records, _ = evaluate_subset(
         "fake", q, gallery, gallery_names=names, gallery_instances=pool["instance"].tolist(),
-        reference_names=[f"reference_{i:05d}" for i in range(n)], target_names=names,
-        query_ids=[f"query_{i:05d}" for i in range(n)], query_instances=pool["instance"].tolist())
+        reference_names=refs, target_names=names, query_ids=query_ids, query_instances=pool["instance"].tolist())
+    h, w = pool["ref_pixels"].shape[1:3]
+    fractions = [float((b[2] - b[0]) * (b[3] - b[1]) / (h * w)) if mask.any() else None  # no mask: no box
+                 for b, mask in zip(pool["boxes"], pool["box_mask"])]
+    write_betas(workdir, beta_records("fake", query_ids, betas, references=refs, targets=names,
+                                      box_fractions=fractions), config)
     return write_outputs(workdir, {"fake": m}, records)
 
 
@@ -131,7 +169,7 @@ def folder_tokens(enc: FeatureEncoder, folder: str, config, spec) -> frozen_toke
 
 def evaluate_folder(enc: FeatureEncoder, folder: str, config, spec, workdir,
                     tokens: frozen_tokens.FolderTokens | None = None) -> dict[str, tuple]:
-    """Metrics and ranking records per subset found in one converted val folder.
+    """(metrics, ranking records, `beta_records`) per subset found in one converted val folder.
 
     `tokens`: the folder's frozen-encoder tokens if already computed (training on cached tokens computes them
     before the first step, from the same program); else they are computed here and removed when done.
@@ -157,6 +195,7 @@ def evaluate_folder(enc: FeatureEncoder, folder: str, config, spec, workdir,
             q_feats.append(qf)
             betas.append(beta)
         q_feats = np.concatenate(q_feats)
+        query_ids = [f"{subset}/{r.source_index}" for r in qrecs]
         # The released protocol ranks the subset's own gallery (a Union folder holds several subsets).
         in_subset = np.flatnonzero(gallery_subset == subset) if (gallery_subset == subset).any() else np.arange(n)
         names = [gallery[j].name for j in in_subset]
@@ -164,9 +203,11 @@ def evaluate_folder(enc: FeatureEncoder, folder: str, config, spec, workdir,
             subset, q_feats, feats[in_subset], gallery_names=names,
             gallery_instances=[gallery[j].instance for j in in_subset],
             reference_names=[r.reference_name for r in qrecs], target_names=[r.target_name for r in qrecs],
-            query_ids=[f"{subset}/{r.source_index}" for r in qrecs])
+            query_ids=query_ids)
         m["beta_mean"] = float(np.concatenate(betas).mean())
-        results[subset] = (m, recs)
+        results[subset] = (m, recs, beta_records(
+            subset, query_ids, np.concatenate(betas), references=[r.reference_name for r in qrecs],
+            targets=[r.target_name for r in qrecs], box_fractions=[_box_fraction(r) for r in qrecs]))
         if jax.process_index() == 0 and e.grid_queries:
             visualize.write_grid(outputs.eval_dir(workdir) / f"{subset}_results.png", qrecs[:e.grid_queries],
                                  [[in_subset[j] for j in row[:6]] for row in rankings[:e.grid_queries]], gallery,
@@ -185,13 +226,15 @@ def evaluate_arrayrecord(model, config, model_config, workdir,
         raise ValueError("config.data.val_dir is empty: point it at converted val folders (comma-separated)")
     enc = FeatureEncoder.from_config(model, config)
     spec = pipeline.image_spec(model_config)
-    per_subset, all_records = {}, []
+    per_subset, all_records, all_betas = {}, [], []
     for folder in folders:
-        for subset, (m, recs) in evaluate_folder(enc, folder, config, spec, workdir,
-                                                   (tokens or {}).get(folder)).items():
+        for subset, (m, recs, betas) in evaluate_folder(enc, folder, config, spec, workdir,
+                                                         (tokens or {}).get(folder)).items():
             if subset in per_subset:
                 raise ValueError(f"subset {subset!r} appears in more than one val folder")
             per_subset[subset] = {k: v for k, v in m.items() if k != "beta_mean"}
             all_records.extend(recs)
+            all_betas.extend(betas)
             logging.info("eval %s: %s (beta mean %.3f)", subset, per_subset[subset], m["beta_mean"])
+    write_betas(workdir, all_betas, config)
     return write_outputs(workdir, per_subset, all_records)

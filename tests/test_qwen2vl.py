@@ -141,6 +141,12 @@ def test_smart_resize_and_patchify_match_the_reference_processor():
 # Import / export.
 
 
+def test_verify_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
+    """Not a transformers hub id: a one-line error naming the path, exit status 2."""
+    rc, _ = fx.run_convert(["verify", "--format", "hf_qwen2vl", "--src", str(tmp_path / "nowhere")])
+    assert rc == 2 and f"{tmp_path / 'nowhere'}: no such checkpoint folder" in capsys.readouterr().err
+
+
 def test_import_export_round_trip_bit_exact(saved, tmp_path):
     _, folder = saved
     port, back = tmp_path / "port", tmp_path / "back"

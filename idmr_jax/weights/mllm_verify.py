@@ -33,6 +33,8 @@ def strict_reference(class_name: str, src: str | os.PathLike, *, ignore_missing:
     `ignore_missing` accepts its name), unexpected or misshapen tensor raises :class:`WeightMismatchError`."""
     import transformers
 
+    if not os.path.isdir(src):  # else transformers would take the path for a hub id
+        raise FileNotFoundError(f"{src}: no such checkpoint folder")
     model, info = getattr(transformers, class_name).from_pretrained(src, output_loading_info=True, dtype="float32")
     missing = [k for k in info["missing_keys"] if ignore_missing is None or not ignore_missing(k)]
     if missing or info["unexpected_keys"] or info.get("mismatched_keys"):

@@ -59,13 +59,21 @@ def _field(config: ml_collections.ConfigDict, dotted: str) -> Any:
     return node
 
 
+def write_merged_results(workdir: str, results: dict) -> None:
+    """``WORKDIR/metrics.json``: the merged results of a multi-run recipe (stages, the rerank loop), from process 0."""
+    import jax
+    from etils import epath
+
+    if jax.process_index() == 0:
+        path = epath.Path(workdir) / "metrics.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+
 def run_stages(config: ml_collections.ConfigDict, workdir: str,
                run_one: Callable[[ml_collections.ConfigDict, str], dict]) -> dict:
     """Runs each stage of ``config.stages`` with ``run_one(stage_config, stage_workdir) -> results`` and returns
     (and, on process 0, writes to ``WORKDIR/metrics.json``) every stage's results under ``<stage>/``."""
-    import jax
-    from etils import epath
-
     results: dict[str, Any] = {}
     previous = None
     for name, overrides in config.stages:
@@ -74,8 +82,5 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str,
         out = run_one(stage_config(config, overrides, previous), sub) or {}
         results.update({f"{name}/{k}": v for k, v in out.items()})
         previous = sub
-    if jax.process_index() == 0:
-        path = epath.Path(workdir) / "metrics.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    write_merged_results(workdir, results)
     return results

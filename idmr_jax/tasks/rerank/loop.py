@@ -34,7 +34,7 @@ from typing import Any
 
 import ml_collections
 
-from idmr_jax.train.stages import apply_overrides
+from idmr_jax.train.stages import apply_overrides, write_merged_results
 
 def step_config(config: ml_collections.ConfigDict, overrides, **paths: str) -> ml_collections.ConfigDict:
     """`config` without ``loop``, with one step's `overrides` and then the loop's own `paths` (``train_dir``,
@@ -85,9 +85,6 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str,
     """Runs the steps of the module docstring; ``run_training(config, workdir) -> results`` is one training run (or
     evaluation, with ``mode = "eval"``) as ``python -m idmr_jax.main`` runs it. Returns (and, on process 0, writes
     to ``WORKDIR/metrics.json``) the merged results."""
-    import jax
-    from etils import epath
-
     loop = config.loop
     first = step_config(config, loop.retrieval)
     train_dir, val_dir = _demo_dirs(first)
@@ -126,8 +123,5 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str,
                            init_path=os.path.join(workdir, "mined"))
     record("", run_training(reranker, os.path.join(workdir, "reranker")))
 
-    if jax.process_index() == 0:
-        path = epath.Path(workdir) / "metrics.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    write_merged_results(workdir, results)
     return results

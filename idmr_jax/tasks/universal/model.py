@@ -71,14 +71,14 @@ def model_config(config: ml_collections.ConfigDict):
     lora = lora_config(config)
     dt = _part_dtypes(config)
     projector = dict(projector_dtype=dt["projector"]["dtype"], projector_param_dtype=dt["projector"]["param_dtype"])
-    pooled = dict(pooling=m.pooling, pooling_token_id=m.get("pooling_token_id"))
+    common = dict(pooling=m.pooling, pooling_token_id=m.get("pooling_token_id"))
     # The pipelines normalise pixels with CLIP's statistics; a backbone trained on others re-normalises (InternVL).
-    pooled.update(input_mean=CLIP_MEAN, input_std=CLIP_STD)
+    common.update(input_mean=CLIP_MEAN, input_std=CLIP_STD)
     if m.init.format == backbones.INIT_FORMATS[backbone] and m.init.path:
         cfg = backbones.checkpoint_config(backbone, m.init.path)
         text = dataclasses.replace(cfg.text, remat=t.remat, scan=t.scan, lora=lora, **dt["text"])
         vision = dataclasses.replace(cfg.vision, **dt["vision"])
-        return backbones.with_fields(cfg, vision=vision, text=text, **pooled, **projector)
+        return backbones.with_fields(cfg, vision=vision, text=text, **common, **projector)
     text = DecoderLMConfig(
         family=t.family, vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
         num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, rope_theta=t.rope_theta,
@@ -87,7 +87,7 @@ def model_config(config: ml_collections.ConfigDict):
         initializer_range=t.initializer_range, mrope_section=t.get("mrope_section"), **dt["text"])
     if backbone != "llava":
         vision = backbones.sized_vision(backbone, v, t.hidden_size, dt["vision"])
-        return backbones.sized_config(backbone, m, vision, text, normalize=True, **pooled, **projector)
+        return backbones.sized_config(backbone, m, vision, text, normalize=True, **common, **projector)
     if v.kind == "efficientnet":
         vision = EfficientNetEncoderConfig(backbone=EfficientNetLiteConfig(**dt["vision"]),
                                            feature_stride=v.feature_stride)
@@ -97,7 +97,7 @@ def model_config(config: ml_collections.ConfigDict):
         layer = m.vision_feature_layer
     return backbones.with_fields(LlavaConfig(
         vision=vision, text=text, image_token_id=m.image_token_id, vision_feature_layer=layer,
-        vision_feature_select_strategy="default", projector_hidden_act="gelu", normalize=True), **pooled, **projector)
+        vision_feature_select_strategy="default", projector_hidden_act="gelu", normalize=True), **common, **projector)
 
 
 def frozen_patterns(m: ml_collections.ConfigDict) -> tuple[str, ...]:

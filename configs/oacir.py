@@ -14,11 +14,17 @@ The argument after ':' is a comma-separated list of keywords:
   vector                one beta per query token instead of a scalar
   crm=transformer|mlp|avgpool, crm_layers=N, probes=N, frozen_probes
                         CAAM ablations
+  caam_lr=X, caam_start=N
+                        the CAAM group's peak learning rate, and the step its updates start at (recipes with a
+                        "caam" group: paper, demo; the CAAM study's recipe checks)
   roi                   ROI-cropped baseline: the reference image is cropped to its box, no CAAM
   entity                text-entity prompts ("Same {entity}, ...")
   tiny                  tiny random model (tests, smoke runs)
   fake                  synthetic in-memory batches of the right shapes (benchmarks, tests)
   demo                  the laptop demo (tiny model on a small real-photo benchmark)
+  demo_split=standard|context
+                        the demo's benchmark: every text changes the reference's context (standard), or half of
+                        them keep it (context; idmr_jax/data/demo_bench/plan.py)
 
 e.g. ``configs/oacir.py:paper,vector`` or ``configs/oacir.py:tiny,fake``.
 """
@@ -31,7 +37,8 @@ from idmr_jax.config_args import parse_config_args
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_config_args(arg, {"paper", "release", "baseline", "fixed_beta", "vector", "crm", "crm_layers",
-                                   "probes", "frozen_probes", "roi", "entity", "tiny", "fake", "demo"})
+                                   "probes", "frozen_probes", "roi", "entity", "tiny", "fake", "demo",
+                                   "demo_split", "caam_lr", "caam_start"})
     tiny = "tiny" in args
     demo = "demo" in args
 
@@ -106,6 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.demo_cache = ""  # demo source: where the benchmark and its shards are cached ("" = ~/.cache/idmr_jax/demo)
     d.demo_seed = 0
     d.demo_size = "small"  # small | tiny
+    d.demo_split = args.get("demo_split", "standard")  # standard | context: what the demo's quadruples test
 
     # ---------------------------------------------------------------- optimiser
     o = c.optim = ml_collections.ConfigDict()
@@ -128,6 +136,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.pct_start = 1.5 / epochs
     o.div_factor = 100.0
     o.final_div_factor = 1e4
+    o.group_start_steps = {}  # {group: step}: the group holds still until then (idmr_jax/train/optim.py)
     o.cycle_momentum = True  # PyTorch OneCycleLR default: beta1 cycles 0.95 -> 0.85 -> 0.95
     o.base_momentum, o.max_momentum = 0.85, 0.95
     if not tiny:
@@ -168,6 +177,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if demo:
         _demo_overrides(c)
+    if "caam_lr" in args or "caam_start" in args:
+        if "caam" not in [name for name, _, _ in o.groups]:
+            raise ValueError("caam_lr / caam_start need a recipe with a 'caam' group: paper or demo")
+        if "caam_lr" in args:
+            o.groups = [(n, rx, float(args["caam_lr"]) if n == "caam" else lr) for n, rx, lr in o.groups]
+        if "caam_start" in args:
+            o.group_start_steps = {"caam": int(args["caam_start"])}
 
     # ---------------------------------------------------------------- sharding
     s = c.sharding = ml_collections.ConfigDict()

@@ -258,6 +258,20 @@ def _softplus(x):
     return np.logaddexp(0.0, x)
 
 
+def test_crm_beta_head_is_float32_under_bf16_compute():
+    """The last projection runs in float32: under bf16 compute a beta near 15 would move in steps of 0.0625."""
+    cfg = CRMConfig(hidden_size=D, num_probes=K, aggregator="avgpool", head_hidden=HH, dtype="bfloat16")
+    crm = ContextualReasoningModule(cfg, rngs=nnx.Rngs(1))
+    crm.head_out.kernel[...] = jnp.zeros_like(crm.head_out.kernel[...])
+    targets = np.array([15.0, 15.01, 15.02, 15.03], np.float32)
+    betas = []
+    for t in targets:
+        crm.head_out.bias[...] = jnp.full_like(crm.head_out.bias[...], t)
+        betas.append(float(crm(jnp.ones((1, K, D), jnp.bfloat16))[0, 0]))
+    np.testing.assert_allclose(betas, _softplus(targets), rtol=0, atol=1e-5)
+    assert len(set(betas)) == len(targets)
+
+
 @pytest.mark.parametrize("aggregator", ["avgpool", "mlp"])
 def test_crm_pooling_aggregators(aggregator):
     d, k, b, hh = D, K, B, HH

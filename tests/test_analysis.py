@@ -53,14 +53,17 @@ def test_sweep_points_come_from_their_configs(tiny_study):
         (s, m) for m in ("adaptive", "none", "fixed") for s in range(SEEDS))
     for run in study.plan_runs(TINY, SEEDS, BETAS, root):
         saved = study.saved_config(run.workdir)
-        assert int(saved.seed) == run.seed
+        assert int(saved.seed) == int(saved.data.shuffle_seed) == run.seed
         assert saved.model.beta_mode == {"learned": "adaptive", "baseline": "none"}.get(run.name, "fixed")
         if run.name == "beta2":
             assert saved.model.fixed_beta == 2.0
     with open(written["fixed_beta"]) as f:
         sweep = json.load(f)
-    assert [p["beta"] for p in sweep["points"]] == [2.0]
-    for name, entry in [("beta2", sweep["points"][0]), ("learned", sweep["learned"]), ("baseline", sweep["baseline"])]:
+    # beta = 0 is the baseline's runs (the same model bit for bit), not a run of its own
+    assert [(p["beta"], p["name"]) for p in sweep["points"]] == [(0.0, "baseline"), (2.0, "beta2")]
+    assert not os.path.exists(os.path.join(root, "runs", "beta0"))
+    for name, entry in [("beta2", sweep["points"][1]), ("learned", sweep["learned"]), ("baseline", sweep["baseline"]),
+                        ("baseline", sweep["points"][0])]:
         assert entry["seeds"] == list(range(SEEDS))
         per_seed = [caam.read_metrics(os.path.join(root, "runs", name, f"seed{s}", "eval", "metrics.json"))
                     for s in range(SEEDS)]
@@ -87,6 +90,23 @@ def test_betas_written_for_learned_and_fixed_only(tiny_study):
         assert all(0 < f <= 1 for f in fractions if f is not None)
 
 
+def test_rankings_name_reference_and_target_and_rescore_to_the_metrics(tiny_study):
+    # context_table scores records on their own: each must name its reference and target, and R@1 recomputed from
+    # the records must be the evaluation's own R@1 (per subset).
+    root, written, _ = tiny_study
+    for s in range(SEEDS):
+        records = _lines(os.path.join(root, "runs", "baseline", f"seed{s}", "eval", "rankings.jsonl"))
+        with open(os.path.join(root, "runs", "baseline", f"seed{s}", "eval", "metrics.json")) as f:
+            metrics = json.load(f)
+        assert all(r["reference"] not in r["ranking"] for r in records)
+        for subset in {r["subset"] for r in records}:
+            hits = [r["ranking"][0] == r["target"] for r in records if r["subset"] == subset]
+            assert 100.0 * np.mean(hits) == pytest.approx(metrics[f"{subset}/R@1"])
+    with open(written["by_context"]) as f:
+        assert json.load(f)["rows"] == []  # no demo metadata for the fake data: no keep/change table, no plot
+    assert "by_context.png" not in written
+
+
 def test_histogram_counts_every_query_once_per_seed(tiny_study):
     root, written, _ = tiny_study
     with open(written["beta_histogram"]) as f:
@@ -109,8 +129,10 @@ def test_perturbation_table_and_training_curve(tiny_study):
         assert os.path.exists(os.path.join(workdir, "eval", "metrics.json"))
     with open(written["box_perturbation"]) as f:
         table = json.load(f)
-    assert [(r["model"], r["perturbation"]) for r in table["rows"]] == [("learned", "none"), ("learned", "no_box")]
+    assert [(r["model"], r["perturbation"]) for r in table["rows"]] == [
+        ("learned", "none"), ("learned", "no_box"), ("baseline", "none"), ("baseline", "no_box")]
     assert all(r["seeds"] == list(range(SEEDS)) for r in table["rows"])
+    assert [r.get("box_unused", False) for r in table["rows"]] == [False, False, True, True]
     with open(written["beta_over_training"]) as f:
         curve = json.load(f)
     assert curve["steps"] == [2, 4] and sorted(curve["per_seed"]) == ["0", "1"]
@@ -149,8 +171,8 @@ def test_dry_run_prints_and_writes_nothing(tmp_path, capsys):
     assert cli.main(["caam", f"--config={TINY}", "--seeds=2", f"--workdir={tmp_path / 'w'}", "--betas", "0,5",
                      "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert sum(line.startswith("train") for line in out) == 2 * 4  # learned, baseline, beta0, beta5
-    assert sum(line.startswith("eval") for line in out) == 2 * 2 * 3  # learned + baseline, 3 perturbations
+    assert sum(line.startswith("train") for line in out) == 2 * 3  # learned, baseline (= beta 0), beta5
+    assert sum(line.startswith("eval") for line in out) == 2 * 1 * 3  # learned, 3 perturbations
     assert any("configs/oacir.py:tiny,fixed_beta=5 --config.seed=1" in line for line in out)
     assert not (tmp_path / "w").exists()
 
@@ -196,8 +218,10 @@ def test_means_and_stds_on_hand_made_metrics(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "saved_config",
                         lambda w: _saved(w.split(os.sep)[-2], int(w[-1]), betas.get(w.split(os.sep)[-2], 0.0)))
     sweep = caam.fixed_beta_sweep(groups)
-    assert [p["beta"] for p in sweep["points"]] == [1.0, 5.0]  # sorted by the saved config's beta
-    for entry, vals in [(sweep["points"][0], values["beta1"]), (sweep["points"][1], values["beta5"]),
+    assert [p["beta"] for p in sweep["points"]] == [0.0, 1.0, 5.0]  # sorted by the saved config's beta; 0: baseline
+    assert [p["beta"] for p in caam.fixed_beta_sweep(groups, zero_from_baseline=False)["points"]] == [1.0, 5.0]
+    for entry, vals in [(sweep["points"][0], values["baseline"]), (sweep["points"][1], values["beta1"]),
+                        (sweep["points"][2], values["beta5"]),
                         (sweep["learned"], values["learned"]), (sweep["baseline"], values["baseline"])]:
         for metric in ("R@1", "R_ID@1"):
             assert entry[metric]["values"] == pytest.approx(vals)
@@ -209,7 +233,9 @@ def test_means_and_stds_on_hand_made_metrics(tmp_path, monkeypatch):
 def test_check_saved_rejects_another_runs_config():
     run = study.Run("beta5", "", 1, "/x/runs/beta5/seed1")
     study.check_saved(run, _saved("beta5", 1, 5.0))
-    for bad in (_saved("beta5", 1, 2.0), _saved("beta5", 0, 5.0), _saved("learned", 1)):
+    shuffled_elsewhere = _saved("beta5", 1, 5.0)
+    shuffled_elsewhere.data = {"shuffle_seed": 0}
+    for bad in (_saved("beta5", 1, 2.0), _saved("beta5", 0, 5.0), _saved("learned", 1), shuffled_elsewhere):
         with pytest.raises(ValueError, match="saved config"):
             study.check_saved(run, bad)
 
@@ -252,8 +278,78 @@ def test_histogram_context_and_training_curve_on_hand_made_runs(tmp_path):
     assert hist["by_context"]["keep"]["count"] == 3 and hist["by_context"]["change"]["count"] == 3
     assert hist["by_context"]["change"]["mean"] == pytest.approx(4.0)  # a vector beta counts as its mean
     assert hist["area_pearson_r"] == pytest.approx(1.0)
+    per_seed = hist["histogram"]["per_seed"]  # each seed: one query in the first bin (1.0), one in the last (4.0)
+    assert per_seed["all"]["mean"] == pytest.approx([1, 0, 0, 1]) and per_seed["all"]["std"] == pytest.approx([0] * 4)
+    assert per_seed["keep"]["mean"] == pytest.approx([1, 0, 0, 0])
+    assert per_seed["change"]["mean"] == pytest.approx([0, 0, 0, 1])
     assert caam.context_change(None, "r1", "t1") is None
     curve = caam.beta_over_training(learned)
     assert curve["steps"] == [10, 20]
     assert curve["over_seeds"]["beta_mean"]["mean"] == pytest.approx([1.0, 2.0])
     assert curve["over_seeds"]["beta_std"]["std"] == pytest.approx([0.0, 0.0])
+
+
+def test_perturbation_table_repeats_the_baseline_that_never_reads_the_box(tmp_path):
+    groups = {"learned": [_write_run(str(tmp_path), "learned", 0, {"x/R@1": 30.0, "x/R_ID@1": 60.0})],
+              "baseline": [_write_run(str(tmp_path), "baseline", s, {"x/R@1": 10.0 + s, "x/R_ID@1": 40.0})
+                           for s in range(2)]}
+    table = caam.perturbation_table(groups, ["learned"], kinds=["no_box"])
+    base = [r for r in table["rows"] if r["model"] == "baseline"]
+    assert [r["perturbation"] for r in base] == ["none", "no_box"]
+    assert all(r["box_unused"] and r["R@1"]["values"] == [10.0, 11.0] for r in base)
+
+
+def _write_rankings(run, records):
+    with open(os.path.join(run.workdir, "eval", "rankings.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def test_context_table_scores_keep_and_change_queries_by_hand(tmp_path, monkeypatch):
+    # Instance a in contexts x (two shots) and y, instance b in x. Query 0 keeps context x, query 1 changes to y.
+    meta = {"images": {"a-x": {"instance": "a", "context": "x"}, "a-x-2": {"instance": "a", "context": "x"},
+                       "a-y": {"instance": "a", "context": "y"}, "b-x": {"instance": "b", "context": "x"}}}
+    keep = {"query_id": "d/0", "reference": "a-x", "target": "a-x-2"}
+    change = {"query_id": "d/1", "reference": "a-x", "target": "a-y"}
+    tops = {  # (seed 0, seed 1) first results: exact target, same instance elsewhere, another instance
+        "learned": (("a-x-2", "a-y"), ("a-y", "a-y")),
+        "beta5": (("a-y", "a-y"), ("b-x", "a-x-2")),
+    }
+    groups = {}
+    for name, per_seed in tops.items():
+        groups[name] = []
+        for s, (k_top, c_top) in enumerate(per_seed):
+            run = _write_run(str(tmp_path), name, s, {"d/R@1": 0.0, "d/R_ID@1": 0.0})
+            _write_rankings(run, [{**keep, "ranking": [k_top, "b-x"]}, {**change, "ranking": [c_top, "b-x"]},
+                                  {"query_id": "d/2", "reference": "zz", "target": "a-y", "ranking": ["a-y"]}])
+            groups[name].append(run)
+    monkeypatch.setattr(study, "saved_config", lambda w: _saved(w.split(os.sep)[-2], int(w[-1]), 5.0))
+    table = caam.context_table(groups, meta)
+    rows = {r["name"]: r for r in table["rows"]}
+    assert [r["name"] for r in table["rows"]] == ["learned", "beta5"] and rows["beta5"]["beta"] == 5.0
+    assert rows["learned"]["keep"]["count"] == rows["learned"]["change"]["count"] == 1  # "zz" has no metadata
+    assert rows["learned"]["keep"]["R@1"]["values"] == [100.0, 0.0]
+    assert rows["learned"]["keep"]["R_ID@1"]["values"] == [100.0, 100.0]
+    assert rows["learned"]["change"]["R@1"]["values"] == [100.0, 100.0]
+    assert rows["beta5"]["keep"]["R@1"]["values"] == [0.0, 0.0]
+    assert rows["beta5"]["keep"]["R_ID@1"]["values"] == [100.0, 0.0]
+    assert rows["beta5"]["change"]["R@1"]["values"] == [100.0, 0.0]
+    assert rows["beta5"]["change"]["R_ID@1"]["values"] == [100.0, 100.0]
+    assert caam.context_table(groups, None)["rows"] == []
+    # Only one fixed beta here: the oracle takes it for both kinds, weighted by the query counts (1 and 1).
+    assert table["oracle"]["keep_beta"] == table["oracle"]["change_beta"] == 5.0
+    assert table["oracle"]["R@1"]["values"] == [50.0, 0.0]
+
+
+def test_curves_command_plots_labelled_workdirs(tmp_path, capsys):
+    train = [{"step": 10, "split": "train", "beta_mean": 0.5, "beta_std": 0.1},
+             {"step": 20, "split": "train", "beta_mean": 3.0, "beta_std": 0.2}]
+    a = _write_run(str(tmp_path), "learned", 0, train=train)
+    b = _write_run(str(tmp_path), "learned", 1, train=train[:1])
+    out = tmp_path / "cmp" / "curves.png"
+    assert cli.main(["curves", f"recipe A={a.workdir}", f"recipe B={b.workdir}", "--out", str(out)]) == 0
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    curves = json.loads((tmp_path / "cmp" / "curves.json").read_text())["curves"]
+    assert [p["beta_mean"] for p in curves["recipe A"]] == [0.5, 3.0] and len(curves["recipe B"]) == 1
+    with pytest.raises(SystemExit):
+        cli.main(["curves", "no-label-here", "--out", str(out)])

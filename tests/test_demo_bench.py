@@ -13,7 +13,8 @@ from PIL import Image
 from data_prep import demo_bench as demo_bench_cli
 from idmr_jax.data.demo_bench import builder as db
 from idmr_jax.data.demo_bench import photos, texts
-from idmr_jax.data.demo_bench.plan import SPLITS, overlap_groups, plan_benchmark, render_image
+from idmr_jax.data.demo_bench.plan import (SIZES, SPLITS, context_kind_contexts, overlap_groups, plan_benchmark,
+                                           render_image)
 
 ANN = db.ANNOTATION_ROOT
 
@@ -146,3 +147,69 @@ def test_cache_is_reused_and_a_damaged_build_is_redone(tmp_path):
     demo_bench_cli.main(["--out", str(tmp_path), "--size", "tiny", "--seed", "1"])
     assert json.loads((root / db.BUILD_INFO).read_text())["seed"] == 1
     assert not (root / ".demo_build.tmp").exists()
+
+
+# ---------------------------------------------------------------- the context benchmark (plan.KINDS)
+
+
+def test_context_plan_adds_a_second_shot_and_pairs_each_reference_with_keep_and_change():
+    for size in ("tiny", "small"):
+        standard, context = plan_benchmark(0, size), plan_benchmark(0, size, "context")
+        by_name = {im.name: im for im in context.images}
+        # The same instances and splits; about as many images and quadruples as the standard benchmark.
+        assert {(im.instance, im.split) for im in context.images} == {(im.instance, im.split) for im in standard.images}
+        assert 0.6 <= len(context.images) / len(standard.images) <= 1.4
+        assert len(context.pairs) == 2 * len(context.images)
+        # Every (instance, context) has two shots, differently placed.
+        lo, hi = context_kind_contexts(SIZES[size])
+        per_instance = defaultdict(set)
+        for im in context.images:
+            if not im.name.endswith("-shot2"):
+                shot2 = by_name[f"{im.name}-shot2"]
+                assert (shot2.instance, shot2.context, shot2.split) == (im.instance, im.context, im.split)
+                assert shot2.place != im.place
+                per_instance[im.instance].add(im.context)
+        assert all(lo <= len(c) <= hi for c in per_instance.values())
+        targets = defaultdict(list)
+        for side, ref, tgt in context.pairs:
+            assert by_name[ref].split == by_name[tgt].split == side
+            assert by_name[ref].instance == by_name[tgt].instance and ref != tgt
+            targets[ref].append(tgt)
+        assert set(targets) == set(by_name)
+        for ref, (keep, change) in targets.items():  # one of each, in this order; keep = the other shot
+            assert by_name[keep].context == by_name[ref].context
+            assert keep in (f"{ref}-shot2", ref.removesuffix("-shot2"))
+            assert by_name[change].context != by_name[ref].context
+    with pytest.raises(ValueError, match="kind"):
+        plan_benchmark(0, "tiny", "nope")
+
+
+def test_context_build_texts_keep_or_name_the_context_and_convert(tmp_path):
+    from idmr_jax.tasks.oacir import release
+
+    demo_bench_cli.main(["--out", str(tmp_path), "--size", "tiny", "--kind", "context"])
+    variant, image_root, ann = db.roots("context")
+    assert variant == "DemoContext" and json.loads((tmp_path / db.BUILD_INFO).read_text())["variant"] == variant
+    meta = json.loads((tmp_path / db.META).read_text())
+    descriptions = [c["description"] for c in meta["contexts"].values()]
+    kept = changed = 0
+    for split in SPLITS:
+        for q in json.loads((tmp_path / ann / f"quadruple_captions/caption_full.{split}.json").read_text()):
+            ref, tgt, text = meta["images"][q["reference"]], meta["images"][q["target"]], q["modification_text_mllm"]
+            assert q["object_category"] in text
+            if ref["context"] == tgt["context"]:
+                kept += 1
+                assert any(text.startswith(t.split("{")[0]) for t in texts.KEEP_TEMPLATES), text
+                assert not any(d in text for d in descriptions), text  # the context is only in the reference image
+            else:
+                changed += 1
+                assert meta["contexts"][tgt["context"]]["description"] in text
+    assert kept == changed > 0
+    # Not a standard build, whatever the folder: the kind is part of the recipe.
+    assert db.recipe_digest(0, "tiny", "context") != db.recipe_digest(0, "tiny")
+    result = release.convert(str(tmp_path), variant, "val", str(tmp_path / "shards"), strict=True)
+    per_subset = result.manifest["counts"]["per_subset"]
+    assert list(per_subset) == ["democontext"] and per_subset["democontext"]["queries"] == 2 * len(
+        [n for n, m in meta["images"].items() if m["split"] == "val"])
+    db.build_demo_benchmark(tmp_path, seed=0, size="tiny")  # a standard build there is not the context one
+    assert json.loads((tmp_path / db.BUILD_INFO).read_text())["variant"] == "Demo"

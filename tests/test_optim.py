@@ -196,3 +196,29 @@ def test_warmup_linear_matches_transformers(warmup):
         opt.step()
         sched.step()
     np.testing.assert_allclose([float(lr(k)) for k in range(total + 3)], want, rtol=1e-6, atol=1e-12)
+
+
+def test_group_start_steps_hold_a_group_then_run_its_schedule_over_the_rest():
+    """A delayed group: learning rate 0 and the parameters untouched (weight decay included) before its start,
+    then the same schedule shape over the remaining steps; the other group is unaffected."""
+    cfg = oacir.get_config("tiny").optim
+    cfg.schedule, cfg.warmup_steps, cfg.weight_decay = "warmup_cosine", 2, 0.05
+    cfg.groups = [("late", r"^late", 1e-2), ("rest", r".*", 1e-3)]
+    cfg.group_start_steps = {"late": 4}
+    params = {"late": jnp.ones(3), "rest": jnp.ones(3)}
+    tx, schedules = optim.make_optimizer(cfg, params, total_steps=10)
+    plain = optim.lr_schedule(cfg, 1e-2, 6)
+    assert [float(schedules["late"](s)) for s in range(10)] == pytest.approx(
+        [0.0] * 4 + [float(plain(s)) for s in range(6)])
+    assert float(schedules["rest"](3)) == pytest.approx(float(optim.lr_schedule(cfg, 1e-3, 10)(3)))
+    state, p = tx.init(params), params
+    grads = {"late": jnp.full(3, 0.5), "rest": jnp.full(3, 0.5)}
+    for step in range(6):
+        updates, state = tx.update(grads, state, p)
+        p = optax.apply_updates(p, updates)
+        if step < 4:
+            np.testing.assert_array_equal(p["late"], params["late"])
+    assert float(p["late"][0]) < 1.0 and float(p["rest"][0]) < 1.0
+    cfg.group_start_steps = {"typo": 4}
+    with pytest.raises(ValueError, match="typo"):
+        optim.make_optimizer(cfg, params, total_steps=10)

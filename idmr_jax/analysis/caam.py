@@ -5,7 +5,9 @@ Inputs are the study's run folders (`idmr_jax.analysis.runs`); every number is r
 - ``eval/metrics.json`` (R_ID@1 and R@1, averaged over the subsets it holds) for the fixed-beta sweep
   (paper Fig. 5) and, with ``perturb/<kind>/eval/metrics.json``, the box-perturbation table (paper Table 10);
 - ``eval/betas.jsonl`` (`idmr_jax.tasks.oacir.evaluate`) for the learned-beta distribution over the val queries;
-- ``metrics.jsonl`` (``beta_mean``, ``beta_std`` of each logged train step) for beta over training.
+- ``metrics.jsonl`` (``beta_mean``, ``beta_std`` of each logged train step) for beta over training;
+- ``eval/rankings.jsonl`` (each query's top gallery images, reference and target) for R@1 and R_ID@1 over the
+  queries that keep the reference's context and over those that change it (the context demo benchmark).
 
 Each point of the sweep is placed by the run's *saved* config (seed, beta mode, fixed beta; `runs.check_saved`),
 not by its folder name alone. Spreads are over seeds: the mean and the sample standard deviation (ddof 1; 0 for
@@ -67,9 +69,14 @@ def _model_entry(group: Sequence[study.Run]) -> dict:
     return {"seeds": [r.seed for r in group], **{m: summarize([p[m] for p in per_seed]) for m in METRICS}}
 
 
-def fixed_beta_sweep(groups: dict[str, list[study.Run]]) -> dict:
-    """R_ID@1 and R@1 against the fixed beta (from each run's saved config), with learned CAAM and the baseline."""
+def fixed_beta_sweep(groups: dict[str, list[study.Run]], zero_from_baseline: bool = True) -> dict:
+    """R_ID@1 and R@1 against the fixed beta (from each run's saved config), with learned CAAM and the baseline.
+
+    With `zero_from_baseline` the point at beta = 0 is the baseline's runs (the same model bit for bit; see
+    `idmr_jax.analysis.runs`), marked ``"name": "baseline"``."""
     points = []
+    if zero_from_baseline and study.BASELINE in groups and study.beta_name(0) not in groups:
+        points.append({"beta": 0.0, "name": study.BASELINE, **_model_entry(groups[study.BASELINE])})
     for name, group in groups.items():
         if name in (study.LEARNED, study.BASELINE):
             continue
@@ -102,7 +109,9 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
 
 def beta_histogram(learned: Sequence[study.Run], meta: dict | None, bins: int = HIST_BINS) -> dict:
     """The learned beta of every val query of every learned run (each query once per seed): the histogram, and
-    beta against the box's area fraction and against context keep/change. A vector beta counts as its mean."""
+    beta against the box's area fraction and against context keep/change. A vector beta counts as its mean.
+    ``histogram.per_seed`` counts each seed's queries in the same bins: mean and std over seeds per bin, for all
+    queries and for those that keep / change the context."""
     queries = []
     for run in learned:
         for rec in read_jsonl(os.path.join(run.workdir, "eval", "betas.jsonl")):
@@ -112,6 +121,15 @@ def beta_histogram(learned: Sequence[study.Run], meta: dict | None, bins: int = 
                             "context": context_change(meta, rec.get("reference", ""), rec.get("target", ""))})
     betas = np.array([q["beta"] for q in queries], np.float64)
     counts, edges = np.histogram(betas, bins=bins) if len(betas) else (np.zeros(0, int), np.zeros(0))
+    per_seed = {}  # the same bins, counted per seed: the plot's error bars (and per context label)
+    for label in ("all", "keep", "change"):
+        seed_counts = [np.histogram([q["beta"] for q in queries if q["seed"] == r.seed
+                                     and label in ("all", q["context"])], bins=edges)[0]
+                       for r in learned] if len(betas) else []
+        if label == "all" or any(c.sum() for c in seed_counts):
+            per_seed[label] = {"mean": np.mean(seed_counts, axis=0).tolist() if seed_counts else [],
+                               "std": (np.std(seed_counts, axis=0, ddof=1) if len(seed_counts) > 1
+                                       else np.zeros(len(edges) - 1)).tolist() if seed_counts else []}
     with_area = [q for q in queries if q["box_area_fraction"] is not None]
     by_context = {}
     for label in ("keep", "change"):
@@ -121,15 +139,74 @@ def beta_histogram(learned: Sequence[study.Run], meta: dict | None, bins: int = 
     return {"seeds": [r.seed for r in learned], "count": len(queries),
             "beta_mean": float(betas.mean()) if len(betas) else None,
             "beta_std": float(betas.std()) if len(betas) else None,
-            "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
+            "histogram": {"counts": counts.tolist(), "edges": edges.tolist(), "per_seed": per_seed},
             "area_pearson_r": _pearson(np.array([q["box_area_fraction"] for q in with_area]),
                                        np.array([q["beta"] for q in with_area])),
             "by_context": by_context, "queries": queries}
 
 
+def _record_hits(rec: dict, images: dict) -> tuple[float, float]:
+    """(R@1, R_ID@1) of one ranking record, as 0 or 100: its first gallery image is the target / shows the
+    target's instance (the reference is already removed from ``ranking``)."""
+    top = rec["ranking"][0] if rec["ranking"] else None
+    hit = top == rec["target"]
+    same = top is not None and images[top]["instance"] == images[rec["target"]]["instance"]
+    return 100.0 * hit, 100.0 * same
+
+
+def context_table(groups: dict[str, list[study.Run]], meta: dict | None) -> dict:
+    """R@1 and R_ID@1 of every model over the queries whose text keeps the reference's context and over those that
+    change it, mean +- std over seeds, scored from each run's ``eval/rankings.jsonl`` (which names every query's
+    reference and target). Empty ``rows`` without demo metadata or when no query keeps its context."""
+    images = (meta or {}).get("images", {})
+    rows = []
+    for name, group in groups.items():
+        per_label: dict[str, list[dict[str, float]]] = {"keep": [], "change": []}
+        counts = {"keep": 0, "change": 0}
+        for run in group:
+            hits: dict[str, list[tuple[float, float]]] = {"keep": [], "change": []}
+            for rec in read_jsonl(os.path.join(run.workdir, "eval", "rankings.jsonl")):
+                label = context_change(meta, rec.get("reference", ""), rec.get("target", ""))
+                if label is not None:
+                    hits[label].append(_record_hits(rec, images))
+            for label, h in hits.items():
+                if h:
+                    per_label[label].append({"R@1": float(np.mean([x for x, _ in h])),
+                                             "R_ID@1": float(np.mean([y for _, y in h]))})
+                    counts[label] = len(h)
+        if not per_label["keep"]:
+            continue
+        saved = study.saved_config(group[0].workdir).model
+        beta = None if name == study.LEARNED else float(saved.fixed_beta) if name != study.BASELINE else 0.0
+        rows.append({"name": name, "beta": beta, "seeds": [r.seed for r in group],
+                     **{label: {"count": counts[label], **{m: summarize([v[m] for v in per_label[label]])
+                                                           for m in METRICS}} for label in per_label}})
+    rows.sort(key=lambda r: (r["beta"] is not None, r["beta"] or 0.0))
+    return {"metrics": list(METRICS), "labels": ["keep", "change"], "rows": rows, "oracle": _context_oracle(rows)}
+
+
+def _context_oracle(rows: list[dict]) -> dict | None:
+    """What reading keep/change perfectly could reach among the fixed betas: the keep queries at the fixed beta best
+    for them (mean R@1 over seeds), the change queries at theirs, combined per seed (weighted by query counts)."""
+    fixed = [r for r in rows if r["beta"] is not None and len(r["seeds"]) == len(rows[0]["seeds"])]
+    if not fixed:
+        return None
+    best = {label: max(fixed, key=lambda r: r[label]["R@1"]["mean"]) for label in ("keep", "change")}
+    n = {label: best[label][label]["count"] for label in best}
+    out = {f"{label}_beta": best[label]["beta"] for label in best}
+    for metric in METRICS:
+        per_seed = [(n["keep"] * k + n["change"] * c) / (n["keep"] + n["change"])
+                    for k, c in zip(best["keep"]["keep"][metric]["values"], best["change"]["change"][metric]["values"])]
+        out[metric] = summarize(per_seed)
+    return out
+
+
 def perturbation_table(groups: dict[str, list[study.Run]], models: Sequence[str],
                        kinds: Sequence[str] = study.PERTURBATIONS) -> dict:
-    """One row per (model, perturbation): R_ID@1 and R@1 over seeds; "none" is the run's own evaluation."""
+    """One row per (model, perturbation): R_ID@1 and R@1 over seeds; "none" is the run's own evaluation.
+
+    The baseline never reads the box (beta = 0), so a perturbed box cannot change it: when it is not among
+    `models`, its rows repeat its own evaluation, marked ``"box_unused": true``, instead of evaluating it again."""
     rows = []
     for name in models:
         for kind in ("none", *kinds):
@@ -138,14 +215,20 @@ def perturbation_table(groups: dict[str, list[study.Run]], models: Sequence[str]
             found = [(r, read_metrics(p)) for r, p in paths if os.path.exists(p)]
             rows.append({"model": name, "perturbation": kind, "seeds": [r.seed for r, _ in found],
                          **{m: summarize([v[m] for _, v in found]) for m in METRICS}})
+    if study.BASELINE in groups and study.BASELINE not in models:
+        own = [(r, read_metrics(r.metrics_path)) for r in groups[study.BASELINE]]
+        rows += [{"model": study.BASELINE, "perturbation": kind, "seeds": [r.seed for r, _ in own],
+                  "box_unused": True, **{m: summarize([v[m] for _, v in own]) for m in METRICS}}
+                 for kind in ("none", *kinds)]
     return {"metrics": list(METRICS), "perturbations": ["none", *kinds], "rows": rows}
 
 
-def train_betas(run: study.Run) -> list[dict]:
-    """``{"step", "beta_mean", "beta_std"}`` per logged train step of a run (the last record of a step wins: a
-    resumed run appends to ``metrics.jsonl``)."""
+def train_betas(run: study.Run | str) -> list[dict]:
+    """``{"step", "beta_mean", "beta_std"}`` per logged train step of a run or a training workdir (the last record
+    of a step wins: a resumed run appends to ``metrics.jsonl``)."""
     steps = {}
-    for rec in read_jsonl(os.path.join(run.workdir, "metrics.jsonl")):
+    workdir = run if isinstance(run, str) else run.workdir
+    for rec in read_jsonl(os.path.join(workdir, "metrics.jsonl")):
         if rec.get("split", "train") == "train" and "beta_mean" in rec:
             steps[int(rec["step"])] = {"step": int(rec["step"]), "beta_mean": float(rec["beta_mean"]),
                                        "beta_std": float(rec.get("beta_std", float("nan")))}
@@ -171,7 +254,7 @@ def demo_meta(config) -> dict | None:
     from idmr_jax.data.demo_bench import builder
     from idmr_jax.tasks.oacir import demo
 
-    path = os.path.join(config.data.demo_cache or demo.default_cache(), "benchmark", builder.META)
+    path = os.path.join(demo.benchmark_dir(config), builder.META)
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -194,14 +277,15 @@ def analyse(runs: Sequence[study.Run], out_dir: str, *, meta: dict | None, pertu
     learned = groups.get(study.LEARNED, [])
     tables = {"fixed_beta": fixed_beta_sweep(groups), "beta_histogram": beta_histogram(learned, meta),
               "box_perturbation": perturbation_table(groups, perturbed, kinds),
-              "beta_over_training": beta_over_training(learned)}
+              "beta_over_training": beta_over_training(learned), "by_context": context_table(groups, meta)}
     written = {name: write_json(os.path.join(out_dir, f"{name}.json"), _finite(t)) for name, t in tables.items()}
     if plots:
         from idmr_jax.analysis import plots as plotting
 
         for name, draw in (("fixed_beta", plotting.fixed_beta), ("beta_histogram", plotting.beta_histogram),
-                           ("beta_over_training", plotting.beta_over_training)):
-            written[f"{name}.png"] = draw(tables[name], os.path.join(out_dir, f"{name}.png"))
+                           ("beta_over_training", plotting.beta_over_training), ("by_context", plotting.by_context)):
+            if name != "by_context" or tables[name]["rows"]:
+                written[f"{name}.png"] = draw(tables[name], os.path.join(out_dir, f"{name}.png"))
     return written
 
 
@@ -217,7 +301,7 @@ def _finite(obj):
 
 
 def run_study(config_spec: str, seeds: int, betas: Sequence[float], workdir: str, *, dry_run: bool = False,
-              perturbed: Sequence[str] = (study.LEARNED, study.BASELINE), kinds: Sequence[str] = study.PERTURBATIONS,
+              perturbed: Sequence[str] = (study.LEARNED,), kinds: Sequence[str] = study.PERTURBATIONS,
               models: Sequence[str] | None = None, runner: study.Runner | None = None, plots: bool = True,
               log=print) -> dict[str, str]:
     """The whole study: train what is missing, evaluate the perturbations, write ``W/analysis/`` -> its files.
@@ -264,9 +348,31 @@ def summary_lines(out_dir: str) -> list[str]:
     row("baseline", sweep["baseline"])
     for p in sweep["points"]:
         row(f"beta={p['beta']:g}", p)
+    with open(os.path.join(out_dir, "by_context.json")) as f:
+        ctx = json.load(f)
+    for r in ctx["rows"]:
+        label = "learned" if r["beta"] is None else f"beta={r['beta']:g}"
+        lines.append(f"{label:12s} R@1 keep {r['keep']['R@1']['mean']:6.2f} ± {r['keep']['R@1']['std']:5.2f}  "
+                     f"change {r['change']['R@1']['mean']:6.2f} ± {r['change']['R@1']['std']:5.2f}")
+    if ctx.get("oracle"):
+        o = ctx["oracle"]
+        lines.append(f"keep at beta={o['keep_beta']:g}, change at beta={o['change_beta']:g}: "
+                     f"R@1 {o['R@1']['mean']:.2f} ± {o['R@1']['std']:.2f}")
     with open(os.path.join(out_dir, "beta_histogram.json")) as f:
         hist = json.load(f)
     if hist["count"]:
         lines.append(f"learned beta over {hist['count']} query-seeds: mean {hist['beta_mean']:.3f}, "
                      f"std {hist['beta_std']:.3f}")
     return lines
+
+
+def compare_curves(labelled: Sequence[tuple[str, str]], out_png: str) -> dict[str, str]:
+    """Beta over training of several training workdirs in one plot (e.g. a recipe against another), each line
+    labelled: writes ``out_png`` and the curves as JSON beside it -> {"json", "png"}."""
+    curves = {label: train_betas(workdir) for label, workdir in labelled}
+    out_json = os.path.splitext(out_png)[0] + ".json"
+    write_json(out_json, _finite({"curves": curves, "workdirs": dict(labelled)}))
+    from idmr_jax.analysis import plots as plotting
+
+    return {"json": out_json, "png": plotting.beta_over_training({"per_seed": curves}, out_png,
+                                                                 title="beta over training")}

@@ -6,7 +6,10 @@ A study over ``--config=configs/oacir.py:ARG`` trains, at seeds 0..S-1 (``config
     baseline    ``ARG,baseline``           no CAAM, beta = 0 (the standard CIR baseline)
     beta<X>     ``ARG,fixed_beta=X``       a fixed, hand-set beta, for each X of ``--betas``
 
-each in ``W/runs/<name>/seed<k>`` (an ordinary training workdir). A run whose ``eval/metrics.json`` exists is
+each in ``W/runs/<name>/seed<k>`` (an ordinary training workdir). A seed is the model's initialisation and dropout
+(``config.seed``) and the training order (``config.data.shuffle_seed``), as in ``scripts/demo_seeds.sh``; the
+benchmark stays the same. beta = 0 is not trained as a fixed beta: the baseline is that model bit for bit
+(`idmr_jax.models.adafocal`: no bias at all equals a zero bias), so the sweep's point at 0 is the baseline's runs. A run whose ``eval/metrics.json`` exists is
 finished and never retrained, so a study that was interrupted, or rerun with more betas, only trains what is
 missing. Box-perturbation evaluations of a finished run go to ``W/runs/<name>/seed<k>/perturb/<kind>/`` (its own
 eval folder; the run's ``eval/`` is never touched), reading the run's checkpoints through a ``checkpoints`` link.
@@ -74,13 +77,14 @@ def plan_runs(config_spec: str, seeds: int, betas: Sequence[float], workdir: str
     if keys & {"baseline", "fixed_beta", "roi"}:
         raise ValueError(f"{config_spec}: give the CAAM config; the study adds 'baseline' and 'fixed_beta=X' itself")
     models = [(LEARNED, arg), (BASELINE, _join(arg, "baseline"))]
-    models += [(beta_name(b), _join(arg, f"fixed_beta={float(b):g}")) for b in betas]
+    models += [(beta_name(b), _join(arg, f"fixed_beta={float(b):g}")) for b in betas if float(b) != 0.0]
     return [Run(name, a, seed, os.path.join(workdir, "runs", name, f"seed{seed}"))
             for name, a in models for seed in range(seeds)]
 
 
 def load_config(config_spec: str, arg: str, seed: int) -> ml_collections.ConfigDict:
-    """``get_config(arg)`` of the config file in `config_spec`, at ``config.seed = seed``, in train mode."""
+    """``get_config(arg)`` of the config file in `config_spec`, at ``config.seed = config.data.shuffle_seed = seed``,
+    in train mode."""
     path, _ = split_config(config_spec)
     spec = importlib.util.spec_from_file_location("_study_config", path)
     if spec is None or spec.loader is None:
@@ -89,6 +93,7 @@ def load_config(config_spec: str, arg: str, seed: int) -> ml_collections.ConfigD
     spec.loader.exec_module(module)
     config = module.get_config(arg or None)
     config.seed, config.mode = seed, "train"
+    config.data.shuffle_seed = seed
     return config
 
 
@@ -106,6 +111,9 @@ def check_saved(run: Run, saved: ml_collections.ConfigDict) -> None:
     problems = []
     if int(saved.seed) != run.seed:
         problems.append(f"seed {saved.seed} (expected {run.seed})")
+    shuffle_seed = saved.get("data", {}).get("shuffle_seed", run.seed)
+    if int(shuffle_seed) != run.seed:
+        problems.append(f"data.shuffle_seed {shuffle_seed} (expected {run.seed})")
     if m.beta_mode != want_mode:
         problems.append(f"beta_mode {m.beta_mode!r} (expected {want_mode!r})")
     if want_mode == "fixed" and beta_name(m.fixed_beta) != run.name:

@@ -115,15 +115,30 @@ def group_labels(params: nnx.State, groups: Sequence[tuple[str, str]]) -> nnx.St
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def delayed(schedule: optax.Schedule, start: int) -> optax.Schedule:
+    """`schedule` shifted to begin at step `start`, learning rate 0 before it (the group is not updated: AdamW's
+    weight decay is scaled by the learning rate too)."""
+    if start <= 0:
+        return schedule
+    return lambda count: jnp.where(count < start, 0.0, schedule(jnp.maximum(count - start, 0)))
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, params: nnx.State, total_steps: int
                    ) -> tuple[optax.GradientTransformation, Mapping[str, optax.Schedule]]:
     """AdamW with one transform per parameter group, global-norm clipping first.
 
-    `cfg.groups` is a list of (name, regex, peak_lr). Returns the optimiser and each group's lr schedule
-    (for logging).
+    `cfg.groups` is a list of (name, regex, peak_lr); `cfg.group_start_steps` ({name: step}, optional) holds a
+    group still until that step, its schedule then running over the remaining steps (see `delayed`). Returns the
+    optimiser and each group's lr schedule (for logging).
     """
     groups = [(name, rx) for name, rx, _ in cfg.groups]
-    schedules = {name: lr_schedule(cfg, float(peak), total_steps) for name, _, peak in cfg.groups}
+    starts = dict(cfg.get("group_start_steps") or {})
+    if unknown := set(starts) - {name for name, _ in groups}:
+        raise ValueError(f"optim.group_start_steps names {sorted(unknown)}, which are not optimiser groups "
+                         f"({[name for name, _ in groups]})")
+    schedules = {name: delayed(lr_schedule(cfg, float(peak), total_steps - int(starts.get(name, 0))),
+                               int(starts.get(name, 0)))
+                 for name, _, peak in cfg.groups}
     transforms = {name: _adamw(cfg, schedules[name], total_steps) for name in schedules}
     chain = []
     if cfg.get("grad_clip_norm"):

@@ -44,6 +44,8 @@ ADDED_FIELDS = {
     "data.prompt_set": "",
     "data.image_slots.query": -1, "data.image_slots.cand": -1, "data.image_slots.hn": -1,
     "model.backbone": "llava",
+    "data.demo_split": "standard",
+    "optim.group_start_steps": {},
 }
 
 RESUME_MODES = ("check", "ignore_config", "fresh")

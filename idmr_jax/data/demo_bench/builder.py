@@ -23,6 +23,10 @@ val image shows two val instances. Output under ``out_dir`` (the dataset root):
   a matching, intact build returns at once without writing anything.
 
 Everything is a function of (seed, size, recipe): two builds are byte-identical (no timestamps anywhere).
+
+``kind="context"`` builds the context benchmark (`idmr_jax.data.demo_bench.plan.KINDS`: a second shot of every
+instance in every context, half of the texts keeping the reference's context) as variant ``DemoContext``, under
+``OACIRR-Subset/OACIRR-DemoContext``; give it its own ``out_dir``.
 """
 
 from __future__ import annotations
@@ -41,13 +45,22 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from idmr_jax.data.demo_bench import photos, render, texts
-from idmr_jax.data.demo_bench.plan import SIZES, SPLITS, Plan, plan_benchmark, render_image, rng_stream
+from idmr_jax.data.demo_bench.plan import (CONTEXT_PAIRING, SIZES, SPLITS, Plan, plan_benchmark, render_image,
+                                           rng_stream)
 
 # Bump when the output changes for reasons the recipe digest cannot see (e.g. a new file format).
 VERSION = "1"
-VARIANT = "Demo"
-IMAGE_ROOT = f"OACIRR-Subset/OACIRR-{VARIANT}"
-ANNOTATION_ROOT = f"{IMAGE_ROOT}/oacirr-{VARIANT.lower()}"
+VARIANTS = {"standard": "Demo", "context": "DemoContext"}  # benchmark kind -> its OACIRR variant
+
+
+def roots(kind: str = "standard") -> tuple[str, str, str]:
+    """(variant, image root, annotation root) of a benchmark kind, relative to the dataset root."""
+    variant = VARIANTS[kind]
+    image_root = f"OACIRR-Subset/OACIRR-{variant}"
+    return variant, image_root, f"{image_root}/oacirr-{variant.lower()}"
+
+
+VARIANT, IMAGE_ROOT, ANNOTATION_ROOT = roots("standard")
 BUILD_INFO = "build_info.json"
 META = "demo_meta.json"
 CONTACT_SHEET = "contact_sheet.png"
@@ -61,13 +74,15 @@ def cache_dir(name: str) -> str:
     return os.path.join(base, "idmr_jax", name)
 
 
-def recipe_digest(seed: int, size: str) -> str:
+def recipe_digest(seed: int, size: str, kind: str = "standard") -> str:
     """A digest of everything the output depends on besides the photo files: a changed catalog, template or size
     table invalidates a cached build by itself."""
-    recipe = repr((VERSION, seed, size, SIZES[size], photos.INSTANCES, photos.CONTEXTS, texts.TEMPLATES,
-                   texts.POSITION_PHRASES, texts.SIZE_PHRASES, texts.SMALL, texts.LARGE, render.ASPECT_RANGE,
-                   render.MAX_UPSCALE, render.BOX_ALPHA))
-    return hashlib.sha256(recipe.encode()).hexdigest()
+    recipe = (VERSION, seed, size, SIZES[size], photos.INSTANCES, photos.CONTEXTS, texts.TEMPLATES,
+              texts.POSITION_PHRASES, texts.SIZE_PHRASES, texts.SMALL, texts.LARGE, render.ASPECT_RANGE,
+              render.MAX_UPSCALE, render.BOX_ALPHA)
+    if kind != "standard":  # the standard recipe reads as it always did: its cached builds stay valid
+        recipe += (kind, texts.KEEP_TEMPLATES, CONTEXT_PAIRING)
+    return hashlib.sha256(repr(recipe).encode()).hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -78,14 +93,15 @@ def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
 
 
-def _cached(out: Path, seed: int, size: str) -> bool:
-    """True when ``out`` holds an intact build of this seed, size and recipe (every listed file hashes right)."""
+def _cached(out: Path, seed: int, size: str, kind: str) -> bool:
+    """True when ``out`` holds an intact build of this seed, size, kind and recipe (every listed file hashes
+    right)."""
     try:
         info = json.loads((out / BUILD_INFO).read_text())
     except (OSError, ValueError):
         return False
     if (info.get("version"), info.get("seed"), info.get("size"), info.get("recipe")) != (
-            VERSION, seed, size, recipe_digest(seed, size)):
+            VERSION, seed, size, recipe_digest(seed, size, kind)):
         return False
     files = info.get("files", {})
     return bool(files) and all((out / rel).is_file() and _sha256(out / rel) == digest
@@ -109,10 +125,11 @@ def _contact_sheet(rows: list[tuple[np.ndarray, tuple, np.ndarray, tuple, str]])
     return sheet
 
 
-def _write_build(tmp: Path, plan: Plan, seed: int, size: str) -> dict:
+def _write_build(tmp: Path, plan: Plan, seed: int, size: str, kind: str) -> dict:
     """Render and write everything into ``tmp`` (laid out like the final root) -> per-split counts."""
     spec = SIZES[size]
-    img_root, ann_root = tmp / IMAGE_ROOT, tmp / ANNOTATION_ROOT
+    variant, image_root, annotation_root = roots(kind)
+    img_root, ann_root = tmp / image_root, tmp / annotation_root
     rendered: dict[str, tuple[np.ndarray, tuple[int, int, int, int]]] = {}
     meta_images = {}
     split_map: dict[str, dict[str, str]] = {s: {} for s in SPLITS}
@@ -138,8 +155,9 @@ def _write_build(tmp: Path, plan: Plan, seed: int, size: str) -> dict:
         t_img, t_box = rendered[tgt]
         t_ctx = _CONTEXTS[meta_images[tgt]["context"]]
         inst = _INSTANCES[meta_images[ref]["instance"]]
-        text = texts.modification_text(rng_stream(seed, 4, q), inst.category, t_ctx.description, t_box,
-                                       t_img.shape[1], t_img.shape[0])
+        keeps = meta_images[ref]["context"] == t_ctx.id  # the context kind only: the text then does not name it
+        text = texts.modification_text(rng_stream(seed, 4, q), inst.category, None if keeps else t_ctx.description,
+                                       t_box, t_img.shape[1], t_img.shape[0])
         captions[side].append({"reference": ref, "target": tgt, "modification_text_mllm": text,
                                "reference_bounding_box": list(rendered[ref][1]), "object_category": inst.category})
     for side in SPLITS:
@@ -150,7 +168,7 @@ def _write_build(tmp: Path, plan: Plan, seed: int, size: str) -> dict:
             (ann_root / rel).write_bytes(_json_bytes(obj))
     used = sorted({m["view_photo"] for m in meta_images.values()}
                   | {_CONTEXTS[m["context"]].photo for m in meta_images.values()})
-    meta = {"variant": VARIANT, "image_root": IMAGE_ROOT, "annotation_root": ANNOTATION_ROOT,
+    meta = {"variant": variant, "image_root": image_root, "annotation_root": annotation_root,
             "photos": {k: photos.PHOTO_SOURCES[k] for k in used},
             "instances": {i: {"category": _INSTANCES[i].category, "scene": _INSTANCES[i].scene,
                               "split": next(m["split"] for m in meta_images.values() if m["instance"] == i)}
@@ -159,10 +177,14 @@ def _write_build(tmp: Path, plan: Plan, seed: int, size: str) -> dict:
                          for c in photos.CONTEXTS if any(m["context"] == c.id for m in meta_images.values())},
             "images": meta_images}
     (tmp / META).write_bytes(_json_bytes(meta))
-    # Contact sheet: the first quadruple of up to six different val instances.
+    # Contact sheet: the first quadruple of up to six different val instances (in the context kind, alternately
+    # one that keeps the context and one that changes it).
     rows, seen = [], set()
     for q in captions["val"]:
         inst = meta_images[q["reference"]]["instance"]
+        keeps = meta_images[q["reference"]]["context"] == meta_images[q["target"]]["context"]
+        if kind == "context" and keeps != (len(rows) % 2 == 0):
+            continue
         if inst not in seen and len(rows) < 6:
             seen.add(inst)
             rows.append((*rendered[q["reference"]], *rendered[q["target"]], q["modification_text_mllm"]))
@@ -173,29 +195,34 @@ def _write_build(tmp: Path, plan: Plan, seed: int, size: str) -> dict:
                    "images": len(split_map[side]), "quadruples": len(captions[side])} for side in SPLITS}
 
 
-def build_demo_benchmark(out_dir: str | os.PathLike, seed: int = 0, size: str = "small", force: bool = False) -> Path:
+def build_demo_benchmark(out_dir: str | os.PathLike, seed: int = 0, size: str = "small", force: bool = False,
+                         kind: str = "standard") -> Path:
     """Build (or reuse) the demo benchmark under ``out_dir`` -> the dataset root (``out_dir``), to be converted
-    as variant ``Demo`` (`idmr_jax.tasks.oacir.release.convert`, or ``python -m data_prep.oacirr --root``).
+    as variant ``VARIANTS[kind]`` (`idmr_jax.tasks.oacir.release.convert`, or ``python -m data_prep.oacirr
+    --root``).
 
     Only this builder's own paths in ``out_dir`` are replaced (``OACIRR-Subset/OACIRR-Demo``, the meta file, the
     contact sheet, ``build_info.json``), so it may share a root with real OACIRR subsets."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
+    if kind not in VARIANTS:
+        raise ValueError(f"unknown demo benchmark kind {kind!r}; choose from {sorted(VARIANTS)}")
     out = Path(out_dir)
-    if not force and _cached(out, seed, size):
-        logging.info("reusing the build in %s (seed %d, size %s)", out, seed, size)
+    if not force and _cached(out, seed, size, kind):
+        logging.info("reusing the build in %s (seed %d, size %s, kind %s)", out, seed, size, kind)
         return out
     start = time.perf_counter()
-    plan = plan_benchmark(seed, size)
+    plan = plan_benchmark(seed, size, kind)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".demo_build.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    counts = _write_build(tmp, plan, seed, size)
+    counts = _write_build(tmp, plan, seed, size, kind)
+    variant, image_root, annotation_root = roots(kind)
     files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     # Swap in: drop the old marker first, so an interrupted swap is never taken for a complete build.
     (out / BUILD_INFO).unlink(missing_ok=True)
-    for rel in (IMAGE_ROOT, META, CONTACT_SHEET):
+    for rel in (image_root, META, CONTACT_SHEET):
         dst = out / rel
         if dst.is_dir():
             shutil.rmtree(dst)
@@ -205,8 +232,8 @@ def build_demo_benchmark(out_dir: str | os.PathLike, seed: int = 0, size: str = 
     content = hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in files.items()).encode()).hexdigest()
     # "builder" names the CLI, as before the builder moved into the library: cached builds stay byte-identical.
     info = {"builder": "data_prep.demo_bench", "version": VERSION, "seed": seed, "size": size,
-            "recipe": recipe_digest(seed, size), "variant": VARIANT, "image_root": IMAGE_ROOT,
-            "annotation_root": ANNOTATION_ROOT, "counts": counts, "content_sha256": content, "files": files}
+            "recipe": recipe_digest(seed, size, kind), "variant": variant, "image_root": image_root,
+            "annotation_root": annotation_root, "counts": counts, "content_sha256": content, "files": files}
     (out / BUILD_INFO).write_bytes(_json_bytes(info))
     logging.info("built %s in %.1f s: %s", out, time.perf_counter() - start, counts)
     return out

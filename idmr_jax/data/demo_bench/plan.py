@@ -3,6 +3,16 @@ into, and every random choice of every image and quadruple, all as a function of
 
 Each stage draws from its own stream (`rng_stream`), so changing one stage does not reshuffle the others.
 Nothing is rendered here except by `render_image`, which turns one planned image into pixels.
+
+Two kinds of benchmark (`KINDS`) share the instances, contexts and images:
+
+- ``standard``: one image per (instance, context); every quadruple moves the instance to another of its contexts,
+  so the text always names a new context and the reference's context never helps.
+- ``context``: half as many contexts per instance (`context_kind_contexts`), each with two shots (another crop of
+  the context, another placement of the object). Every reference gets two targets: the other shot in its own
+  context (the text says "the same scene" and does not name it) and an image in another context (the text names
+  it). A query must then read the reference's context exactly when the text keeps it: a fixed strong focus on the
+  box cannot be right for both.
 """
 
 from __future__ import annotations
@@ -17,6 +27,9 @@ import numpy as np
 from idmr_jax.data.demo_bench import photos, render
 
 SPLITS = ("train", "val")
+KINDS = ("standard", "context")
+# Part of the context benchmark's recipe digest: bump it when `_context_pairs` changes what it picks.
+CONTEXT_PAIRING = "half the contexts, two shots, keep + change per reference, v3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,10 +176,53 @@ def _draw_contexts(rng: np.random.Generator, members: list[photos.Instance], usa
     return {i.id: chosen[i.id] for i in members}, [c for c in order if use[c] == 1]
 
 
-def plan_benchmark(seed: int = 0, size: str = "small") -> Plan:
+def _shot_spec(seed: int, side: str, inst: photos.Instance, ctx_id: str, shot: int) -> ImageSpec:
+    """Shot 0 (every kind) or 1 (the context kind's second shot) of `inst` pasted into context `ctx_id`."""
+    more = (shot,) if shot else ()  # shot 0 keeps the stream it always had: the standard images are unchanged
+    r = rng_stream(seed, 2, photos.INSTANCES.index(inst), photos.CONTEXTS.index(_CONTEXTS[ctx_id]), *more)
+    crop = render.CanvasCrop(side=float(r.uniform(0.8, 1.0)), fx=float(r.random()),
+                             fy=float(r.random()), flip=bool(r.random() < 0.5))
+    # Log-uniform area: as many small objects as large ones.
+    place = render.Placement(
+        area=float(math.exp(r.uniform(math.log(0.03), math.log(0.4)))),
+        cell=(int(r.integers(3)), int(r.integers(3))),
+        offset=(float(r.uniform(-0.3, 0.3)), float(r.uniform(-0.3, 0.3))),
+        flip=bool(r.random() < 0.5),
+        jitter=(float(r.uniform(0.75, 1.25)), float(r.uniform(0.75, 1.25)), float(r.uniform(0.6, 1.4))))
+    name = f"{inst.id}-{ctx_id}" + (f"-shot{shot + 1}" if shot else "")
+    return ImageSpec(name, side, inst.id, int(r.integers(len(inst.views))), ctx_id, crop, place)
+
+
+def _standard_pairs(r: np.random.Generator, side: str, names: list[str], per_reference: int):
+    for ref in names:
+        others = [n for n in names if n != ref]
+        for t in r.choice(len(others), size=min(per_reference, len(others)), replace=False):
+            yield side, ref, others[int(t)]
+
+
+def _context_pairs(r: np.random.Generator, side: str, shots: dict[str, list[str]]):
+    """Per reference: its other shot in the same context (keep), then a random image of the instance in another
+    context (change)."""
+    for ctx, names in shots.items():
+        elsewhere = [n for c, ns in shots.items() if c != ctx for n in ns]
+        for i, ref in enumerate(names):
+            yield side, ref, names[1 - i]
+            yield side, ref, elsewhere[int(r.integers(len(elsewhere)))]
+
+
+def context_kind_contexts(spec: SizeSpec) -> tuple[int, int]:
+    """Contexts per instance in the context benchmark: half the standard range (at least 2), so that with two shots
+    per context it has about as many images, and with two targets per reference as many quadruples, as the
+    standard benchmark (a larger set learned far more slowly in the demo's 120 steps)."""
+    return max(2, spec.contexts_per_instance[0] // 2), max(2, spec.contexts_per_instance[1] // 2)
+
+
+def plan_benchmark(seed: int = 0, size: str = "small", kind: str = "standard") -> Plan:
     """Decide every image and quadruple (all random choices) without rendering anything."""
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown demo benchmark kind {kind!r}; choose from {KINDS}")
     spec = SIZES[size]
     split = _split(seed, spec)
     # No context may show a val object: train would see it, and a val image would hold two val instances.
@@ -174,28 +230,19 @@ def plan_benchmark(seed: int = 0, size: str = "small") -> Plan:
     images: list[ImageSpec] = []
     pairs: list[tuple[str, str, str]] = []
     for s_idx, side in enumerate(SPLITS):
-        chosen = _assign_contexts(rng_stream(seed, 1, s_idx), split[side], usable, spec.contexts_per_instance)
+        k_range = context_kind_contexts(spec) if kind == "context" else spec.contexts_per_instance
+        chosen = _assign_contexts(rng_stream(seed, 1, s_idx), split[side], usable, k_range)
         for inst in split[side]:
-            names = []
+            shots: dict[str, list[str]] = {}
             for ctx_id in chosen[inst.id]:
-                r = rng_stream(seed, 2, photos.INSTANCES.index(inst), photos.CONTEXTS.index(_CONTEXTS[ctx_id]))
-                crop = render.CanvasCrop(side=float(r.uniform(0.8, 1.0)), fx=float(r.random()),
-                                         fy=float(r.random()), flip=bool(r.random() < 0.5))
-                # Log-uniform area: as many small objects as large ones.
-                place = render.Placement(
-                    area=float(math.exp(r.uniform(math.log(0.03), math.log(0.4)))),
-                    cell=(int(r.integers(3)), int(r.integers(3))),
-                    offset=(float(r.uniform(-0.3, 0.3)), float(r.uniform(-0.3, 0.3))),
-                    flip=bool(r.random() < 0.5),
-                    jitter=(float(r.uniform(0.75, 1.25)), float(r.uniform(0.75, 1.25)), float(r.uniform(0.6, 1.4))))
-                name = f"{inst.id}-{ctx_id}"
-                names.append(name)
-                images.append(ImageSpec(name, side, inst.id, int(r.integers(len(inst.views))), ctx_id, crop, place))
+                for shot in range(2 if kind == "context" else 1):
+                    images.append(_shot_spec(seed, side, inst, ctx_id, shot))
+                    shots.setdefault(ctx_id, []).append(images[-1].name)
             r = rng_stream(seed, 3, photos.INSTANCES.index(inst))
-            for ref in names:
-                others = [n for n in names if n != ref]
-                for t in r.choice(len(others), size=min(spec.targets_per_reference, len(others)), replace=False):
-                    pairs.append((side, ref, others[int(t)]))
+            if kind == "context":
+                pairs.extend(_context_pairs(r, side, shots))
+            else:
+                pairs.extend(_standard_pairs(r, side, [ns[0] for ns in shots.values()], spec.targets_per_reference))
     return Plan(tuple(images), tuple(pairs))
 
 

@@ -43,6 +43,17 @@ TEMPLATES: tuple[str, ...] = (
     "Change the setting to {ctx} and put the {obj} {where}, {size}.",
 )
 
+# Texts that keep the reference's context (the context benchmark, `plan.KINDS`): they say "the same scene" and never
+# describe it, so the target's context can only be read off the reference image. {obj}, {where}, {size} as above.
+KEEP_TEMPLATES: tuple[str, ...] = (
+    "Same {obj} in the same scene, now {where}, {size}.",
+    "Keep the background as it is and move the {obj} {where}, {size}.",
+    "The {obj} stays in this setting but sits {where}, {size}.",
+    "In the same place, show the {obj} {where}, {size}.",
+    "Leave the surroundings unchanged; the {obj} is now {where} and {size}.",
+    "Another shot of the same scene with the {obj} {where}, {size}.",
+)
+
 # Box area / image area below SMALL is "small", at or above LARGE is "large".
 SMALL, LARGE = 0.08, 0.2
 
@@ -59,12 +70,14 @@ def size_key(box: tuple[int, int, int, int], width: int, height: int) -> str:
     return "small" if frac < SMALL else "large" if frac >= LARGE else "medium"
 
 
-def modification_text(rng: np.random.Generator, category: str, context: str,
+def modification_text(rng: np.random.Generator, category: str, context: str | None,
                       box: tuple[int, int, int, int], width: int, height: int) -> str:
     """One modification text for a target whose instance (``category``) sits at ``box`` in a
-    ``width`` x ``height`` image of ``context``."""
+    ``width`` x ``height`` image of ``context``; ``context=None``: the target keeps the reference's context, and
+    the text says so without describing it (`KEEP_TEMPLATES`)."""
     where = POSITION_PHRASES[position_key(box, width, height)]
     size = SIZE_PHRASES[size_key(box, width, height)]
-    template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
+    templates = KEEP_TEMPLATES if context is None else TEMPLATES
+    template = templates[int(rng.integers(len(templates)))]
     return template.format(obj=category, ctx=context, where=where[int(rng.integers(len(where)))],
                            size=size[int(rng.integers(len(size)))])

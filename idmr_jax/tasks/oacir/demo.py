@@ -22,16 +22,28 @@ def default_cache() -> str:
     return builder.cache_dir("demo")
 
 
+def benchmark_dir(config: ml_collections.ConfigDict) -> str:
+    """Where the demo benchmark of ``config.data.demo_split`` is built: ``<cache>/benchmark`` for the standard one,
+    ``<cache>/benchmark-context`` for the context one (`idmr_jax.data.demo_bench.plan.KINDS`)."""
+    d = config.data
+    kind = d.get("demo_split", "standard")
+    return os.path.join(d.demo_cache or default_cache(), "benchmark" + ("" if kind == "standard" else f"-{kind}"))
+
+
 def prepare(config: ml_collections.ConfigDict) -> tuple[str, str]:
     """Builds (or reuses) the demo benchmark and its shards, on process 0 only -> (train_dir, val_dir).
 
     Every process gets the paths; the others must wait for process 0 before reading them (`prepare_data` does)."""
     d = config.data
+    kind = d.get("demo_split", "standard")
+    if kind not in builder.VARIANTS:
+        raise ValueError(f"config.data.demo_split = {kind!r}: choose from {sorted(builder.VARIANTS)}")
     cache = d.demo_cache or default_cache()
-    shards = os.path.join(cache, f"shards-{d.demo_size}-seed{d.demo_seed}")
+    prefix = "shards" if kind == "standard" else f"shards-{kind}"
+    shards = os.path.join(cache, f"{prefix}-{d.demo_size}-seed{d.demo_seed}")
     if jax.process_index() == 0:
-        root = builder.build_demo_benchmark(os.path.join(cache, "benchmark"), seed=d.demo_seed, size=d.demo_size)
+        root = builder.build_demo_benchmark(benchmark_dir(config), seed=d.demo_seed, size=d.demo_size, kind=kind)
         for split in ("train", "val"):
-            result = release.convert(root, "Demo", split, os.path.join(shards, split))
+            result = release.convert(root, builder.VARIANTS[kind], split, os.path.join(shards, split))
             logging.info("demo %s shards: %s", split, result)
     return os.path.join(shards, "train"), os.path.join(shards, "val")

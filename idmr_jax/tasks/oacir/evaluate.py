@@ -1,7 +1,8 @@
 """The OACIR evaluation: gallery features once, query features with boxes, rankings and metrics.
 
 Outputs (the contract the checks read): ``WORKDIR/eval/metrics.json`` (flat ``"<subset>/<metric>"`` keys and
-``"avg"``, in percent), ``WORKDIR/eval/rankings.jsonl`` (top 50 gallery names per query) and, where images
+``"avg"``, in percent), ``WORKDIR/eval/rankings.jsonl`` (top 50 gallery names per query, with its reference and
+target names) and, where images
 are available, one PNG result grid per subset. ``WORKDIR`` may be local or ``gs://`` (files go through
 ``etils.epath``); only process 0 writes.
 
@@ -100,7 +101,8 @@ def evaluate_subset(subset: str, query_feats: np.ndarray, gallery_feats: np.ndar
                                 reference_names=reference_names, target_names=target_names,
                                 query_instances=query_instances, query_ids=query_ids)
     records = metrics.ranking_records(rankings, query_ids=query_ids, subset=subset,
-                                      gallery_names=gallery_names, reference_names=reference_names)
+                                      gallery_names=gallery_names, reference_names=reference_names,
+                                      target_names=target_names)
     return m, records, rankings
 
 

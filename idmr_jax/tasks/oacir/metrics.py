@@ -133,14 +133,21 @@ def ranking_records(
     subset: str,
     gallery_names: Sequence[str],
     reference_names: Sequence[str],
+    target_names: Sequence[str] | None = None,
     top: int = 50,
 ) -> list[dict]:
-    """One ``{"query_id", "subset", "ranking": [top gallery names]}`` per query, reference removed."""
+    """One ``{"query_id", "subset", "ranking": [top gallery names]}`` per query, reference removed; with
+    `target_names` also ``"reference"`` and ``"target"``, so that a record can be scored on its own (the CAAM
+    analyses score groups of queries this way)."""
     rankings = np.asarray(rankings)
     where = _index_of(gallery_names)
     ref_idx = np.array([where.get(r, -1) for r in reference_names], np.int64)
     cleaned = remove_reference(rankings, ref_idx)[:, :top]
     names = np.asarray(gallery_names, dtype=object)
-    return [
+    records = [
         {"query_id": str(q), "subset": subset, "ranking": names[row].tolist()} for q, row in zip(query_ids, cleaned)
     ]
+    if target_names is not None:
+        for rec, ref, tgt in zip(records, reference_names, target_names, strict=True):
+            rec["reference"], rec["target"] = str(ref), str(tgt)
+    return records

@@ -35,6 +35,7 @@ for _name in ("Fashion", "Car", "Product", "Landmark"):
     VARIANTS[f"WO_{_name}"] = (_wo, f"{_wo}/oacirr-wo-{_name.lower()}")
 # The real-photo demo benchmark (`idmr_jax.data.demo_bench`) is laid out like a released subset.
 VARIANTS["Demo"] = ("OACIRR-Subset/OACIRR-Demo", "OACIRR-Subset/OACIRR-Demo/oacirr-demo")
+VARIANTS["DemoContext"] = ("OACIRR-Subset/OACIRR-DemoContext", "OACIRR-Subset/OACIRR-DemoContext/oacirr-democontext")
 
 BOX_TOLERANCE_PX = 1.0
 PROBE_CACHE = ".probe_cache.json"
@@ -84,7 +85,7 @@ def _unsafe_path(rel: str) -> bool:
 
 def _derive_subset(rel: str, variant: str) -> str:
     """The domain of an image: fixed for a subset variant, else read off a folder named after a domain."""
-    if variant in ("Fashion", "Car", "Product", "Landmark", "Demo"):
+    if variant in ("Fashion", "Car", "Product", "Landmark", "Demo", "DemoContext"):
         return variant.lower()
     for part in posixpath.dirname(rel.replace("\\", "/")).split("/"):
         p = part.lower().removeprefix("oacirr-").removeprefix("oacirr_")

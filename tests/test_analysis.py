@@ -346,10 +346,10 @@ def test_curves_command_plots_labelled_workdirs(tmp_path, capsys):
     a = _write_run(str(tmp_path), "learned", 0, train=train)
     b = _write_run(str(tmp_path), "learned", 1, train=train[:1])
     out = tmp_path / "cmp" / "curves.png"
-    assert cli.main(["curves", f"recipe A={a.workdir}", f"recipe B={b.workdir}", "--out", str(out)]) == 0
+    assert cli.main(["curves", f"recipe A={a.workdir}", f"lr=1e-4={b.workdir}", "--out", str(out)]) == 0
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     curves = json.loads((tmp_path / "cmp" / "curves.json").read_text())["curves"]
-    assert [p["beta_mean"] for p in curves["recipe A"]] == [0.5, 3.0] and len(curves["recipe B"]) == 1
+    assert [p["beta_mean"] for p in curves["recipe A"]] == [0.5, 3.0] and len(curves["lr=1e-4"]) == 1
     with pytest.raises(SystemExit):
         cli.main(["curves", "no-label-here", "--out", str(out)])

@@ -49,13 +49,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true", help="print what would run, do nothing")
     c.add_argument("--no-plots", action="store_true", help="write the JSON tables without the PNGs")
     k = sub.add_parser("curves", help="beta over training of several training workdirs in one plot")
-    k.add_argument("runs", nargs="+", type=_labelled, help="LABEL=WORKDIR, one per line of the plot")
+    k.add_argument("runs", nargs="+", type=_labelled, help="LABEL=WORKDIR (split at the last '='), one per line of the plot")
     k.add_argument("--out", required=True, help="the PNG to write (its JSON goes beside it)")
     return p
 
 
 def _labelled(text: str) -> tuple[str, str]:
-    label, sep, workdir = text.partition("=")
+    label, sep, workdir = text.rpartition("=")  # at the last "=": a label may hold one (caam_lr=1e-4)
     if not sep or not label or not workdir:
         raise argparse.ArgumentTypeError(f"expected LABEL=WORKDIR, got {text!r}")
     return label, workdir

@@ -49,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true", help="print what would run, do nothing")
     c.add_argument("--no-plots", action="store_true", help="write the JSON tables without the PNGs")
     k = sub.add_parser("curves", help="beta over training of several training workdirs in one plot")
-    k.add_argument("runs", nargs="+", type=_labelled, help="LABEL=WORKDIR (split at the last '='), one per line of the plot")
+    k.add_argument("runs", nargs="+", type=_labelled,
+                   help="LABEL=WORKDIR (split at the last '='), one per line of the plot")
     k.add_argument("--out", required=True, help="the PNG to write (its JSON goes beside it)")
     return p
 

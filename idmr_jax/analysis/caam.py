@@ -150,7 +150,7 @@ def _record_hits(rec: dict, images: dict) -> tuple[float, float]:
     target's instance (the reference is already removed from ``ranking``)."""
     top = rec["ranking"][0] if rec["ranking"] else None
     hit = top == rec["target"]
-    same = top is not None and images[top]["instance"] == images[rec["target"]]["instance"]
+    same = top is not None and images.get(top, {}).get("instance") == images[rec["target"]]["instance"]
     return 100.0 * hit, 100.0 * same
 
 

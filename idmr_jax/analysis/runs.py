@@ -8,11 +8,13 @@ A study over ``--config=configs/oacir.py:ARG`` trains, at seeds 0..S-1 (``config
 
 each in ``W/runs/<name>/seed<k>`` (an ordinary training workdir). A seed is the model's initialisation and dropout
 (``config.seed``) and the training order (``config.data.shuffle_seed``), as in ``scripts/demo_seeds.sh``; the
-benchmark stays the same. beta = 0 is not trained as a fixed beta: the baseline is that model bit for bit
-(`idmr_jax.models.adafocal`: no bias at all equals a zero bias), so the sweep's point at 0 is the baseline's runs. A run whose ``eval/metrics.json`` exists is
-finished and never retrained, so a study that was interrupted, or rerun with more betas, only trains what is
-missing. Box-perturbation evaluations of a finished run go to ``W/runs/<name>/seed<k>/perturb/<kind>/`` (its own
-eval folder; the run's ``eval/`` is never touched), reading the run's checkpoints through a ``checkpoints`` link.
+benchmark stays the same. beta = 0 is not trained as a fixed beta: the baseline is that model (no bias at all
+equals a zero bias bit for bit, `tests/test_adafocal.py`), so the sweep's point at 0 is the baseline's runs.
+
+A run whose ``eval/metrics.json`` exists is finished and never retrained, so a study that was interrupted, or rerun
+with more betas, only trains what is missing. Box-perturbation evaluations of a finished run go to
+``W/runs/<name>/seed<k>/perturb/<kind>/`` (its own eval folder; the run's ``eval/`` is never touched), reading the
+run's checkpoints through a ``checkpoints`` link.
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ class ContextualReasoningModule(nnx.Module):
         cfg = self.cfg
         probes = constrain(probes, ("batch", "length", "embed"))
         if cfg.aggregator == "transformer":
-            cls = jnp.broadcast_to(self.cls_token[...].astype(probes.dtype)[None], (probes.shape[0], 1, probes.shape[-1]))
+            cls = jnp.broadcast_to(self.cls_token[...].astype(probes.dtype)[None],
+                                   (probes.shape[0], 1, probes.shape[-1]))
             x = jnp.concatenate([cls, probes], axis=1)
             for layer in self.layers:
                 x = layer(x, deterministic=deterministic)

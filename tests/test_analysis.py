@@ -335,6 +335,10 @@ def test_context_table_scores_keep_and_change_queries_by_hand(tmp_path, monkeypa
     assert rows["beta5"]["change"]["R@1"]["values"] == [100.0, 0.0]
     assert rows["beta5"]["change"]["R_ID@1"]["values"] == [100.0, 100.0]
     assert caam.context_table(groups, None)["rows"] == []
+    # A first result the metadata does not know (another build's image) is a miss, not a crash.
+    _write_rankings(groups["beta5"][0], [{**keep, "ranking": ["elsewhere"]}, {**change, "ranking": ["a-y"]}])
+    again = {r["name"]: r for r in caam.context_table(groups, meta)["rows"]}
+    assert again["beta5"]["keep"]["R_ID@1"]["values"] == [0.0, 0.0]
     # Only one fixed beta here: the oracle takes it for both kinds, weighted by the query counts (1 and 1).
     assert table["oracle"]["keep_beta"] == table["oracle"]["change_beta"] == 5.0
     assert table["oracle"]["R@1"]["values"] == [50.0, 0.0]

@@ -201,8 +201,9 @@ def _demo_overrides(c: ml_collections.ConfigDict) -> None:
     starts fresh. 16 query tokens instead of 32 and larger learning rates than the paper's, because the budget is
     120 steps, not 20 epochs on 127k quadruples. bf16 compute (``precision``). The Q-Former keeps BERT's dropout 0.1:
     without it the learned beta collapses to ~0 within 5 steps (CAAM then does nothing and AdaFocal is the
-    baseline); with it beta rises to ~15 at seed 0 (as in the earlier demo), though it still collapses at seeds 1
-    and 2 (README). The CRM's own dropout made no such difference and is off (it costs compile time).
+    baseline); with it beta rises to ~13 at seed 0, though it still collapses at seeds 1 and 2, at this learning
+    rate and at the paper's (the README's beta study). The CRM's own dropout made no such difference and is off (it
+    costs compile time).
     """
     m, d, o, t, e = c.model, c.data, c.optim, c.train, c.eval
     c.precision = "bf16"

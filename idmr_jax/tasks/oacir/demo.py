@@ -22,12 +22,20 @@ def default_cache() -> str:
     return builder.cache_dir("demo")
 
 
-def benchmark_dir(config: ml_collections.ConfigDict) -> str:
-    """Where the demo benchmark of ``config.data.demo_split`` is built: ``<cache>/benchmark`` for the standard one,
-    ``<cache>/benchmark-context`` for the context one (`idmr_jax.data.demo_bench.plan.KINDS`)."""
+def _cache_name(config: ml_collections.ConfigDict, name: str) -> str:
+    """``<cache>/<name>`` for the standard demo split, ``<cache>/<name>-<split>`` for another
+    (`idmr_jax.data.demo_bench.plan.KINDS`)."""
     d = config.data
     kind = d.get("demo_split", "standard")
-    return os.path.join(d.demo_cache or default_cache(), "benchmark" + ("" if kind == "standard" else f"-{kind}"))
+    if kind not in builder.VARIANTS:
+        raise ValueError(f"config.data.demo_split = {kind!r}: choose from {sorted(builder.VARIANTS)}")
+    return os.path.join(d.demo_cache or default_cache(), name if kind == "standard" else f"{name}-{kind}")
+
+
+def benchmark_dir(config: ml_collections.ConfigDict) -> str:
+    """Where the demo benchmark of ``config.data.demo_split`` is built: ``<cache>/benchmark`` for the standard one,
+    ``<cache>/benchmark-context`` for the context one."""
+    return _cache_name(config, "benchmark")
 
 
 def prepare(config: ml_collections.ConfigDict) -> tuple[str, str]:
@@ -36,11 +44,7 @@ def prepare(config: ml_collections.ConfigDict) -> tuple[str, str]:
     Every process gets the paths; the others must wait for process 0 before reading them (`prepare_data` does)."""
     d = config.data
     kind = d.get("demo_split", "standard")
-    if kind not in builder.VARIANTS:
-        raise ValueError(f"config.data.demo_split = {kind!r}: choose from {sorted(builder.VARIANTS)}")
-    cache = d.demo_cache or default_cache()
-    prefix = "shards" if kind == "standard" else f"shards-{kind}"
-    shards = os.path.join(cache, f"{prefix}-{d.demo_size}-seed{d.demo_seed}")
+    shards = f"{_cache_name(config, 'shards')}-{d.demo_size}-seed{d.demo_seed}"
     if jax.process_index() == 0:
         root = builder.build_demo_benchmark(benchmark_dir(config), seed=d.demo_seed, size=d.demo_size, kind=kind)
         for split in ("train", "val"):

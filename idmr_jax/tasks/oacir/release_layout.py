@@ -84,8 +84,9 @@ def _unsafe_path(rel: str) -> bool:
 
 
 def _derive_subset(rel: str, variant: str) -> str:
-    """The domain of an image: fixed for a subset variant, else read off a folder named after a domain."""
-    if variant in ("Fashion", "Car", "Product", "Landmark", "Demo", "DemoContext"):
+    """The domain of an image: fixed for a subset variant (one under ``OACIRR-Subset/``), else read off a folder
+    named after a domain."""
+    if VARIANTS[variant][0].startswith("OACIRR-Subset/"):
         return variant.lower()
     for part in posixpath.dirname(rel.replace("\\", "/")).split("/"):
         p = part.lower().removeprefix("oacirr-").removeprefix("oacirr_")

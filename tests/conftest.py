@@ -1,5 +1,6 @@
-"""Test setup: 8 fake CPU devices (a simulated TPU slice), set before JAX is imported anywhere; one persistent XLA
-compilation cache shared by every process of the run; the longest test files scheduled first.
+"""Test setup: 8 fake CPU devices (a simulated TPU slice) and fast-compiling XLA:CPU flags (``jax_env.py``), set
+before JAX is imported anywhere; one persistent XLA compilation cache shared by every process of the run; the
+longest test files scheduled first.
 
 Most of the suite's time is XLA compiling the same few programs (the tiny AdaFocal's init, train step and encoders)
 in separate processes: the two pytest-xdist workers, ``python -m idmr_jax.main`` subprocesses, the notebook kernels.
@@ -14,7 +15,10 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from jax_env import xla_flags_for_tests
+
+# 8 fake devices unless the caller's XLA_FLAGS say otherwise, and the fast-compiling XLA:CPU flags (jax_env.py).
+os.environ["XLA_FLAGS"] = xla_flags_for_tests(os.environ.get("XLA_FLAGS"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Nothing may reach a model hub from the tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 
+from jax_env import subprocess_env
 from idmr_jax import convert
 from idmr_jax.weights import io, torch_io
 from idmr_jax.weights.blip2 import convert as blip2_convert
@@ -116,7 +117,7 @@ def test_sharded_safetensors_folder(tmp_path, hf_blip2):
 
 @pytest.mark.slow  # a fresh interpreter: imports, first-call op compilation and jit (~30-70 s on 2 busy cores)
 def test_verify_cli_subprocess(hf_blip2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = subprocess_env(devices=1)
     proc = subprocess.run([sys.executable, "-m", "idmr_jax.convert", "verify", "--format", "hf_blip2",
                            "--src", str(hf_blip2)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

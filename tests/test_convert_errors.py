@@ -17,6 +17,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+from jax_env import subprocess_env
 from idmr_jax import convert
 from idmr_jax.weights import io, torch_io
 from idmr_jax.weights.checks import ConvertError, cast_tensors
@@ -166,7 +167,7 @@ def test_unsafe_pickle_cli_subprocess(tmp_path):
     marker = tmp_path / "payload_ran"
     src = tmp_path / "pytorch_model.bin"
     torch.save({"w": torch.zeros(2), "extra": _Payload(marker)}, src)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = subprocess_env(devices=1)
     proc = subprocess.run([sys.executable, "-m", "idmr_jax.convert", "import", "--format", "lavis_blip2", "--src",
                            str(src), "--out", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jax_env import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_QFORMER = ["--config.model.init.format=", "--config.model.qformer.num_layers=2",
                  "--config.model.qformer.hidden_size=64", "--config.model.qformer.num_heads=4",
@@ -27,7 +29,7 @@ SMALL_QFORMER = ["--config.model.init.format=", "--config.model.qformer.num_laye
 @pytest.mark.slow
 def test_demo_end_to_end_shortened(tmp_path):
     # One CPU device, as on a laptop (an 8-way SPMD compile costs time for nothing here).
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = subprocess_env(devices=1)
     cmd = [sys.executable, "-m", "idmr_jax.main", "--config=configs/oacir.py:demo", f"--workdir={tmp_path / 'wd'}",
            f"--config.data.demo_cache={tmp_path / 'cache'}", "--config.data.demo_size=tiny",
            "--config.train.num_steps=2", "--config.train.log_every=1", "--config.data.batch_size=8",

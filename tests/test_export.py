@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from jax_env import subprocess_env
 from idmr_jax import convert
 from idmr_jax.weights import adafocal as adafocal_weights
 from idmr_jax.weights import io, workdir
@@ -197,7 +198,7 @@ def test_crm_hyperparameters_that_no_shape_shows_are_checked():
 def trained(tmp_path_factory) -> Path:
     wd = tmp_path_factory.mktemp("workdir")
     # One device: the layout of the checkpoint does not matter here and one device compiles fastest.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = subprocess_env(devices=1)
     cmd = [sys.executable, "-m", "idmr_jax.main", "--config=configs/oacir.py:tiny,fake", f"--workdir={wd}",
            "--config.train.num_steps=2", "--config.train.checkpoint_every=1", "--config.data.batch_size=4",
            "--config.model.qformer.num_layers=2",  # layer 0 with cross-attention, layer 1 without: both kinds

@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jax_env import subprocess_env
 from idmr_jax.tasks.idmr import pipeline as pipe
 from idmr_jax.tasks.idmr import records as triplets
 from idmr_jax.losses.contrastive import infonce_dense
@@ -277,7 +278,7 @@ def test_tiny_config_trains_through_the_shared_trainer(tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end_shortened(tmp_path):
     """`python -m idmr_jax.main --config=configs/idmr.py:demo` on the tiny demo benchmark, a few steps."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = subprocess_env(devices=1)
     cmd = [sys.executable, "-m", "idmr_jax.main", "--config=configs/idmr.py:demo", f"--workdir={tmp_path / 'wd'}",
            f"--config.data.demo_cache={tmp_path / 'cache'}", "--config.data.demo_size=tiny",
            "--config.train.num_steps=2", "--config.train.log_every=1", "--config.train.checkpoint_every=2",

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jax_env import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/oacir.py:tiny,fake"
 # 2 + 2 steps of the tiny config's global batch 16 (8 per device), metrics every step, no evaluation.
@@ -55,9 +57,9 @@ CACHE_VARS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIM
 
 
 def _env(devices: int, cache: Path) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k in CACHE_VARS or not k.startswith(("JAX_", "SLURM_", "TPU_", "IDMR_"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    env = subprocess_env(devices, base={k: v for k, v in os.environ.items()
+                                        if k in CACHE_VARS or not k.startswith(("JAX_", "SLURM_", "TPU_", "IDMR_"))},
+                         HF_HUB_OFFLINE="1")
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))  # run on its own, without tests/conftest.py
     return env
 

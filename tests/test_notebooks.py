@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from jax_env import subprocess_env
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -44,11 +46,10 @@ def _run_notebook(name: str, tmp: Path) -> Path:
     assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code"), \
         f"{name}.ipynb is stored with outputs: clear them"
     out = tmp / "out"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", IDMR_NOTEBOOK_QUICK="1", IDMR_NOTEBOOK_DIR=str(out),
-               # the kernel's own tracebacks without ANSI colour codes, so failures read cleanly in pytest
-               TERM="dumb", NO_COLOR="1")
+    env = subprocess_env(devices=1, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", IDMR_NOTEBOOK_QUICK="1",
+                         IDMR_NOTEBOOK_DIR=str(out),
+                         # the kernel's own tracebacks without ANSI colour codes, so failures read cleanly in pytest
+                         TERM="dumb", NO_COLOR="1")
     client = nbclient.NotebookClient(nb, km=_kernel_manager(tmp), timeout=CELL_TIMEOUT_S,
                                      resources={"metadata": {"path": str(ROOT)}})
     try:

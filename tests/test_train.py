@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jax_env import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/oacir.py:tiny"
 # Settings of every run here; the killed run (and its resume) skip the evaluation at the end.
@@ -34,7 +36,7 @@ def _main_cmd(workdir, settings: dict) -> list[str]:
 
 
 def _env() -> dict:
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    return subprocess_env(devices=8)
 
 
 def _task(settings: dict):

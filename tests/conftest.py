@@ -38,10 +38,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # `--dist loadfile --no-loadscope-reorder` (scripts/test.sh) the two workers take files in this order, so a long
 # file starts at once instead of last, when the other worker would idle; see BENCHMARKS.md section 7.
 LONGEST_FIRST = (
-    "test_multihost.py", "test_train.py", "test_notebooks.py", "test_idmr_task.py", "test_workdir_safety.py",
-    "test_demo.py", "test_export.py", "test_cir_eval.py", "test_universal_train.py", "test_instructcir_recipe.py",
-    "test_bench.py", "test_convert.py", "test_oacir_pipeline.py", "test_serving.py", "test_qformer.py",
-    "test_analysis.py", "test_backbones.py", "test_rerank_loop.py", "test_internvl.py", "test_qwen2vl.py",
+    "test_train.py", "test_notebooks.py", "test_analysis.py", "test_multihost.py", "test_backbones.py",
+    "test_precision.py", "test_idmr_task.py", "test_export.py", "test_universal_train.py", "test_workdir_safety.py",
+    "test_cir_eval.py", "test_rerank_loop.py", "test_instructcir_recipe.py", "test_convert.py", "test_demo.py",
+    "test_llava.py", "test_jax_env.py", "test_oacir_pipeline.py", "test_bench.py", "test_qwen2vl.py",
 )
 
 

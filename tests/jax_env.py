@@ -2,8 +2,9 @@
 
 Most of the suite's time is XLA compiling small programs that then run a few steps, so the tests trade the
 compiled code's speed for compile time (BENCHMARKS.md section 7 measures it). These flags change how XLA:CPU
-emits and optimises machine code, not the HLO program: the same operations in the same order, so no tolerance
-moves. Set ``IDMR_TEST_FULL_OPT=1`` to run the suite with XLA's default flags instead, as users' runs compile.
+emits and optimises machine code, not the HLO program; ``tests/test_jax_env.py`` checks that the results agree
+with XLA's defaults to rounding. Set ``IDMR_TEST_FULL_OPT=1`` to run the suite with XLA's default flags instead,
+as users' runs compile.
 Every JAX subprocess a test starts takes its flags from :func:`subprocess_env`, so that a killed-and-resumed or
 multi-process run compiles exactly what the test process compiles.
 """

@@ -8,7 +8,6 @@ checked on its own, without building the model.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

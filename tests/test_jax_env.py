@@ -76,7 +76,7 @@ np.savez(sys.argv[1], **out)
 '''
 
 
-@pytest.mark.slow  # two fresh interpreters; the default-flag one compiles at XLA's full optimisation (~25 s)
+@pytest.mark.slow  # two fresh interpreters at once; the default-flag one compiles at full optimisation (~17 s)
 def test_fast_compile_flags_change_no_number(tmp_path):
     """What every other test rests on: the programs compiled with the fast-compile flags compute the numbers XLA's
     defaults give (float32 to rounding; bf16 to a rare last-bit flip of a rounded value)."""

@@ -9,7 +9,6 @@ working directory, one CPU device, ``IDMR_NOTEBOOK_QUICK=1`` (tiny benchmark, 2 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

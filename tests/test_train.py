@@ -8,7 +8,6 @@ stop run the same trainer in this process, reading the compiled programs back fr
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys

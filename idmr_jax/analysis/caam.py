@@ -121,15 +121,14 @@ def beta_histogram(learned: Sequence[study.Run], meta: dict | None, bins: int = 
                             "context": context_change(meta, rec.get("reference", ""), rec.get("target", ""))})
     betas = np.array([q["beta"] for q in queries], np.float64)
     counts, edges = np.histogram(betas, bins=bins) if len(betas) else (np.zeros(0, int), np.zeros(0))
-    per_seed = {}  # the same bins, counted per seed: the plot's error bars (and per context label)
-    for label in ("all", "keep", "change"):
-        seed_counts = [np.histogram([q["beta"] for q in queries if q["seed"] == r.seed
-                                     and label in ("all", q["context"])], bins=edges)[0]
-                       for r in learned] if len(betas) else []
-        if label == "all" or any(c.sum() for c in seed_counts):
-            per_seed[label] = {"mean": np.mean(seed_counts, axis=0).tolist() if seed_counts else [],
-                               "std": (np.std(seed_counts, axis=0, ddof=1) if len(seed_counts) > 1
-                                       else np.zeros(len(edges) - 1)).tolist() if seed_counts else []}
+    # The same bins, counted per seed: the plot's error bars (for all queries, and per context label when any).
+    per_seed = {"all": {"mean": [], "std": []}}
+    for label in ("all", "keep", "change") if len(betas) else ():
+        seed_counts = np.array([np.histogram([q["beta"] for q in queries if q["seed"] == r.seed
+                                              and label in ("all", q["context"])], bins=edges)[0] for r in learned])
+        if label == "all" or seed_counts.any():
+            std = seed_counts.std(axis=0, ddof=1) if len(seed_counts) > 1 else np.zeros(len(edges) - 1)
+            per_seed[label] = {"mean": seed_counts.mean(axis=0).tolist(), "std": std.tolist()}
     with_area = [q for q in queries if q["box_area_fraction"] is not None]
     by_context = {}
     for label in ("keep", "change"):

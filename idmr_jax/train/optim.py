@@ -120,7 +120,7 @@ def delayed(schedule: optax.Schedule, start: int) -> optax.Schedule:
     weight decay is scaled by the learning rate too)."""
     if start <= 0:
         return schedule
-    return lambda count: jnp.where(count < start, 0.0, schedule(jnp.maximum(count - start, 0)))
+    return optax.join_schedules([optax.constant_schedule(0.0), schedule], [start])
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, params: nnx.State, total_steps: int

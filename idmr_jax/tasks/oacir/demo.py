@@ -22,14 +22,18 @@ def default_cache() -> str:
     return builder.cache_dir("demo")
 
 
-def _cache_name(config: ml_collections.ConfigDict, name: str) -> str:
-    """``<cache>/<name>`` for the standard demo split, ``<cache>/<name>-<split>`` for another
-    (`idmr_jax.data.demo_bench.plan.KINDS`)."""
-    d = config.data
-    kind = d.get("demo_split", "standard")
+def _split(config: ml_collections.ConfigDict) -> str:
+    """``config.data.demo_split``, checked (`idmr_jax.data.demo_bench.plan.KINDS`)."""
+    kind = config.data.get("demo_split", "standard")
     if kind not in builder.VARIANTS:
         raise ValueError(f"config.data.demo_split = {kind!r}: choose from {sorted(builder.VARIANTS)}")
-    return os.path.join(d.demo_cache or default_cache(), name if kind == "standard" else f"{name}-{kind}")
+    return kind
+
+
+def _cache_name(config: ml_collections.ConfigDict, name: str) -> str:
+    """``<cache>/<name>`` for the standard demo split, ``<cache>/<name>-<split>`` for another."""
+    kind = _split(config)
+    return os.path.join(config.data.demo_cache or default_cache(), name if kind == "standard" else f"{name}-{kind}")
 
 
 def benchmark_dir(config: ml_collections.ConfigDict) -> str:
@@ -43,7 +47,7 @@ def prepare(config: ml_collections.ConfigDict) -> tuple[str, str]:
 
     Every process gets the paths; the others must wait for process 0 before reading them (`prepare_data` does)."""
     d = config.data
-    kind = d.get("demo_split", "standard")
+    kind = _split(config)
     shards = f"{_cache_name(config, 'shards')}-{d.demo_size}-seed{d.demo_seed}"
     if jax.process_index() == 0:
         root = builder.build_demo_benchmark(benchmark_dir(config), seed=d.demo_seed, size=d.demo_size, kind=kind)

@@ -28,9 +28,11 @@ N = 1 + GRID[0] * GRID[1]
 
 
 def tiny_config(arg: str = ""):
-    """configs/oacir.py with `tiny` plus `arg`, with a small vocabulary."""
+    """configs/oacir.py with `tiny` plus `arg`, with a small vocabulary and a 4-layer Q-Former: two cross-attention
+    layers, so that the tests see the box bias reach each of several."""
     config = oacir.get_config(",".join(filter(None, ["tiny", arg])))
     config.model.qformer.vocab_size = VOCAB
+    config.model.qformer.num_layers = 4
     return config
 
 

@@ -275,20 +275,22 @@ def test_full_loss_drift_and_dtypes(tiny_steps, module):
 @pytest.mark.slow
 def test_float32_policy_reproduces_the_numbers_of_before(tiny_steps):
     """The float32 policy gives the model configs the per-module dtype fields gave (all float32 for tiny), and the
-    tiny recipes' first step the numbers recorded on the main branch before the policy existed (frozen vision
-    tower, 8 CPU devices; float32 sums over threads vary in the last bits between runs, hence rtol 1e-6)."""
+    tiny recipes' first step the numbers recorded on the main branch before the policy existed (6b58956: frozen
+    vision tower, 8 CPU devices, XLA's default flags; the AdaFocal's with the tiny config's 2-layer Q-Former, run
+    there with ``qformer.num_layers=2``). float32 sums over threads vary in the last bits between runs, and the
+    tests' fast-compiling XLA flags (jax_env.py) move the AdaFocal's gradient norm by 1.5e-6 of itself: rtol 2e-6."""
     mc = oacir_model_config(oacir.get_config("tiny"))
     assert {mc.blip2.vision.dtype, mc.blip2.vision.param_dtype, mc.blip2.qformer.dtype, mc.blip2.qformer.param_dtype,
             mc.crm.dtype, mc.crm.param_dtype} == {"float32"}
     ic = idmr_model_config(idmr.get_config("tiny"))
     assert {ic.vision.dtype, ic.vision.param_dtype, ic.text.dtype, ic.text.param_dtype, ic.projector_dtype,
             ic.projector_param_dtype} == {"float32"}
-    recorded = {oacir: (5.171382427215576, 77.63626098632812, 301.62127685546875),
+    recorded = {oacir: (3.222565174102783, 22.159738540649414, 293.1446838378906),
                 idmr: (7.130733966827393, 588.435546875, 33.15911865234375)}
     for module, numbers in recorded.items():
         metrics = tiny_steps[module, "float32"][1]
         got = tuple(float(metrics[k]) for k in ("loss", "grad_norm", "param_norm"))
-        np.testing.assert_allclose(got, numbers, rtol=1e-6)
+        np.testing.assert_allclose(got, numbers, rtol=2e-6)
 
 
 def _eqns(jaxpr):

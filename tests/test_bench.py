@@ -159,3 +159,49 @@ def test_loss_memory_suite_chunked_stays_flat(tmp_path):
     gathered, chunked = r["temp_bytes"]["gathered"], r["temp_bytes"]["chunked"]
     assert gathered["8"] > 1.5 * gathered["4"]
     assert chunked["8"] == chunked["4"]
+
+
+class _BusyStep:
+    """A stand-in for the JAX step that computes on one core for `seconds` per step."""
+
+    batch_size = 4
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def run(self):
+        import time
+
+        t0 = time.process_time()
+        while time.process_time() - t0 < self.seconds:
+            pass
+        return {"loss": 1.0}
+
+    def sync(self, metrics):
+        pass
+
+
+class _WaitingStep:
+    """A stand-in for the PyTorch step that waits for `seconds` per step without computing."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def step(self, batch):
+        import time
+
+        time.sleep(self.seconds)
+        return 1.0
+
+
+def test_cpu_time_tells_computing_from_waiting():
+    """The timing reports each side's CPU time and cores kept busy: a side that computes on one core reads about
+    one core, a side that sleeps as long reads about none, and the CPU work ratio follows their CPU times."""
+    r = train_step.time_alternating(_BusyStep(0.05), _WaitingStep(0.05), None, reps=3, steps_per_rep=2)
+    jax_side, torch_side = r["jax"], r["torch"]
+    assert jax_side["cpu_s_median"] >= 0.05 and torch_side["cpu_s_median"] < 0.01, r
+    # One busy thread keeps at most one core busy (a loaded machine may take some of it from us).
+    assert 0.3 < jax_side["cores_busy_median"] <= 1.05 and torch_side["cores_busy_median"] < 0.1, r
+    assert r["cpu_work_ratio"] == pytest.approx(torch_side["cpu_s_median"] / jax_side["cpu_s_median"])
+    assert r["ratio"] == pytest.approx(jax_side["examples_per_s"] / torch_side["examples_per_s"])
+    assert r["steps_per_rep"] == 2 and jax_side["reps"] == torch_side["reps"] == 3

@@ -21,7 +21,10 @@ one if it is another), one after another, each with its own build, compilation a
 comparison the two sides alternate step by step, so a load change on a shared machine hits both. Each
 comparison reports both sides' median step time and spread, examples/s, ``ratio = jax_examples_per_s /
 torch_examples_per_s`` and ``parity``: both sides' loss on the same weights with dropout off, within
-:func:`parity_tolerance`, which shows they compute the same function. The JSON's top level repeats the default
+:func:`parity_tolerance`, which shows they compute the same function. Each side also reports its process CPU
+time per step and ``cores_busy_median`` (CPU time over wall time), and the comparison ``cpu_work_ratio =
+torch_cpu_s / jax_cpu_s``: where both sides keep all the cores busy, ``ratio`` cannot move away from
+``cpu_work_ratio``, so a higher ratio then needs less CPU work for the same step, not better scheduling. The JSON's top level repeats the default
 comparison (``ratio``, ``jax``, ``torch``, ``parity``, ``model``); ``comparisons`` holds all of them by
 ``DTYPE/CACHE`` and ``ratios`` their ratios.
 
@@ -138,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
         result["comparisons"][key(dtype, vit_cache)] = compare_one(args, dtype, vit_cache, profile_dir=profile_dir)
     default = result["comparisons"][result["default"]]
     for field in ("model", "build_s", "compile_s", "steps_per_rep", "jax", "torch", "parity", "ratio",
-                  "paired_ratio_median", "profile"):
+                  "paired_ratio_median", "cpu_work_ratio", "profile"):
         if field in default:
             result[field] = default[field]
     if args.compare == "torch":
@@ -146,9 +149,13 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def _side(times, batch_size) -> dict:
+def _side(times, cpu_times, batch_size) -> dict:
     s = common.summarize(times)
     s["examples_per_s"] = batch_size / s["median_s"]
+    s["cpu_s_median"] = statistics.median(cpu_times)
+    # Cores kept busy: the process's CPU time over the wall time, rep by rep (2.0 = both cores of the 2-core
+    # machine all the time). With both sides as busy, the wall ratio can only follow the CPU work ratio.
+    s["cores_busy_median"] = statistics.median(c / t for c, t in zip(cpu_times, times))
     return s
 
 
@@ -201,7 +208,7 @@ def compare_one(args: argparse.Namespace, dtype: str, vit_cache: str, *, profile
         js.sync(js.run())
         if ts is not None:
             ts.step(tbatch)
-    timing = _time_alternating(js, ts, tbatch, reps=args.reps, steps_per_rep=args.steps_per_rep)
+    timing = time_alternating(js, ts, tbatch, reps=args.reps, steps_per_rep=args.steps_per_rep)
     if ts is not None:
         timing["torch"] = {**result.pop("torch"), **timing["torch"]}
     result.update(timing)
@@ -214,9 +221,13 @@ def compare_one(args: argparse.Namespace, dtype: str, vit_cache: str, *, profile
     return result
 
 
-def _time_alternating(js, ts, tbatch, *, reps: int, steps_per_rep: int) -> dict:
-    """Timed reps, JAX then PyTorch in each; both sides' summaries and the ratios."""
-    # Wall time is the measure; the process's CPU time per step is kept as a diagnostic for shared machines.
+def time_alternating(js, ts, tbatch, *, reps: int, steps_per_rep: int) -> dict:
+    """Timed reps of `js` (a :class:`~idmr_jax.bench.jax_step.JaxStep`: ``run``, ``sync``, ``batch_size``) and,
+    unless `ts` is None, of ``ts.step(tbatch)`` (the PyTorch step), JAX then PyTorch in each rep. Returns both
+    sides' wall-time summaries, CPU time and cores kept busy, ``ratio``, ``paired_ratio_median`` and
+    ``cpu_work_ratio`` (see the module docstring)."""
+    # Wall time is the measure; CPU time tells whether a side used the cores or waited (and, on a shared machine,
+    # whether the load took them).
     # A rep is `steps_per_rep` consecutive steps: JAX dispatches them back to back and waits once at the end, as
     # the trainer does (no host sync inside the loop), so each step's host-side dispatch overlaps the previous
     # step's computation; torch runs them one after another (each `step` reads its loss).
@@ -236,11 +247,10 @@ def _time_alternating(js, ts, tbatch, *, reps: int, steps_per_rep: int) -> dict:
             torch_times.append((time.perf_counter() - t0) / w)
             torch_cpu.append((time.process_time() - c0) / w)
     bs = js.batch_size
-    out = {"steps_per_rep": w, "jax": {**_side(jax_times, bs), "cpu_s_median": statistics.median(jax_cpu),
-                                       "last_loss": float(metrics["loss"])}}
+    out = {"steps_per_rep": w, "jax": {**_side(jax_times, jax_cpu, bs), "last_loss": float(metrics["loss"])}}
     if ts is not None:
-        out["torch"] = {**_side(torch_times, bs), "cpu_s_median": statistics.median(torch_cpu),
-                        "last_loss": torch_loss}
+        out["torch"] = {**_side(torch_times, torch_cpu, bs), "last_loss": torch_loss}
         out["ratio"] = out["jax"]["examples_per_s"] / out["torch"]["examples_per_s"]
         out["paired_ratio_median"] = statistics.median(t / j for j, t in zip(jax_times, torch_times))
+        out["cpu_work_ratio"] = out["torch"]["cpu_s_median"] / out["jax"]["cpu_s_median"]
     return out

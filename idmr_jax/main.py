@@ -8,6 +8,9 @@ Multi-process: the same command runs on every host (one process per host). TPU V
 JAX itself; elsewhere pass ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or the
 ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables, which the flags override).
 
+Compiled programs are kept in a persistent cache (``~/.cache/idmr_jax/xla``; ``--compilation_cache_dir``), so the
+second run of a config (another seed, an evaluation) skips most of its compile time.
+
 Logging: warnings and errors only by default (JAX, Orbax, Grain and absl INFO lines would bury the progress bar);
 ``--log_level=info`` (or ``--verbose``) shows them, ``--log_level=debug`` more.
 """
@@ -27,6 +30,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0.
 _LOG_LEVEL = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"],
                                "Lowest level of the log lines shown (absl, JAX, Orbax, Grain and idmr_jax).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Shorthand for --log_level=info.")
+_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", None, "Persistent XLA compilation cache (local or gs://), so that a second run of the "
+    "same programs does not compile them again; default ~/.cache/idmr_jax/xla, '' turns it off, "
+    "JAX_COMPILATION_CACHE_DIR overrides it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,6 +51,7 @@ def main(argv):
 
     from idmr_jax import runtime  # imported after flag parsing: it initialises JAX (multi-host aware)
 
+    runtime.enable_compilation_cache(_CACHE_DIR.value)
     runtime.initialize(config, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                        process_id=_PROCESS_ID.value)
     from idmr_jax import tasks

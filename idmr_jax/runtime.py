@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
+import platform
 
 import jax
 from absl import logging
+
+# The persistent compilation cache's size limit: least recently used programs go first beyond it (local folders).
+COMPILATION_CACHE_MAX_BYTES = 4 << 30
 
 
 def _env_int(name: str) -> int | None:
@@ -58,3 +64,62 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
         import orbax.checkpoint as ocp
 
         ocp.multihost.get_barrier_sync_fn()(key=f"idmr_{name}", timeout_ms=timeout_s * 1000)
+
+
+def default_compilation_cache_dir(environ=os.environ) -> str:
+    """``$XDG_CACHE_HOME/idmr_jax/xla``, i.e. ``~/.cache/idmr_jax/xla`` unless XDG_CACHE_HOME says otherwise (the
+    demos keep their data beside it)."""
+    root = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "idmr_jax", "xla")
+
+
+def host_cache_subdir(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """``host-<hash>``: one folder per host CPU model and instruction set. XLA:CPU compiles for the host's own
+    instruction set, so a folder shared by several machines (a home directory on NFS) must not hand one CPU's
+    programs to another. (Accelerator programs are keyed by their devices already; the host's folder costs them
+    nothing, since every host of a slice is the same machine type.)"""
+    identity = [platform.machine(), platform.processor()]
+    try:
+        with open(cpuinfo) as f:
+            lines = {line.strip() for line in f if line.startswith(("model name", "flags"))}
+        identity += sorted(lines)  # every core repeats them: a set keeps one of each
+    except OSError:  # not Linux: the platform strings above are what there is
+        pass
+    return "host-" + hashlib.sha256("\n".join(identity).encode()).hexdigest()[:12]
+
+
+def compilation_cache_folder(cache_dir: str | None, environ=os.environ) -> str | None:
+    """The folder :func:`enable_compilation_cache` uses: ``JAX_COMPILATION_CACHE_DIR`` from `environ` as it is;
+    else None (off) for ``cache_dir == ""``; else `cache_dir` (None: :func:`default_compilation_cache_dir`) with
+    :func:`host_cache_subdir` below it."""
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return environ["JAX_COMPILATION_CACHE_DIR"]
+    if cache_dir == "":
+        return None
+    return os.path.join(os.path.expanduser(cache_dir) if cache_dir else default_compilation_cache_dir(environ),
+                        host_cache_subdir())
+
+
+def enable_compilation_cache(cache_dir: str | None = None, *,
+                             max_bytes: int = COMPILATION_CACHE_MAX_BYTES) -> str | None:
+    """Turns on JAX's persistent compilation cache: a later process that compiles the same program (another seed,
+    a resumed run, the evaluation of a trained workdir, the README's six demo runs) reads the executable from disk
+    instead of compiling it again. Call it before the first compilation (it starts no backend, so it may also
+    come before :func:`initialize`); returns the folder in use (:func:`compilation_cache_folder`), or None.
+
+    `cache_dir`: local or ``gs://``; "" turns the cache off; ``JAX_COMPILATION_CACHE_DIR`` in the environment
+    wins over it, and JAX reads that variable itself, so nothing is changed then. JAX writes only programs that
+    took at least ``jax_persistent_cache_min_compile_time_secs`` (1 s by default) to compile, keys each by the
+    program, jaxlib, XLA flags and devices, and in a multi-process run lets process 0 write. A local folder is
+    kept under `max_bytes` (least recently used first) unless ``JAX_COMPILATION_CACHE_MAX_SIZE`` is set.
+    """
+    folder = compilation_cache_folder(cache_dir)
+    if folder is None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return folder
+    jax.config.update("jax_compilation_cache_dir", folder)
+    # JAX's size limit takes a file lock on every write, from the filelock package (installed with
+    # huggingface-hub); without it the folder grows unbounded rather than failing.
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and importlib.util.find_spec("filelock") is not None:
+        jax.config.update("jax_compilation_cache_max_size", int(max_bytes))
+    logging.info("persistent compilation cache: %s", folder)
+    return folder

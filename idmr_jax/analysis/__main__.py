@@ -13,8 +13,9 @@ workdirs in one plot (e.g. one recipe against another), with the curves as JSON 
 
 Runs go to ``W/runs/<name>/seed<k>`` (`idmr_jax.analysis.runs`), the tables and PNGs to ``W/analysis/``
 (`idmr_jax.analysis.caam`, `idmr_jax.analysis.plots`). Rerunning reuses every finished run and evaluation.
-The runs share one persistent XLA compilation cache, ``W/xla_cache`` (``JAX_COMPILATION_CACHE_DIR`` when set):
-the seeds of a model differ in values only, so only the first compiles its programs.
+The runs share one persistent XLA compilation cache, ``W/xla_cache`` (``JAX_COMPILATION_CACHE_DIR`` when set;
+`idmr_jax.runtime.enable_compilation_cache`): the seeds of a model differ in values only, so only the first
+compiles its programs.
 """
 
 from __future__ import annotations
@@ -70,10 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print("wrote:\n" + "\n".join(f"  {p}" for p in caam.compare_curves(args.runs, args.out).values()))
         return 0
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        import jax
+    from idmr_jax import runtime
 
-        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.workdir), "xla_cache"))
+    runtime.enable_compilation_cache(os.path.join(os.path.abspath(args.workdir), "xla_cache"))
     from idmr_jax.analysis import caam
 
     written = caam.run_study(args.config, args.seeds, args.betas, args.workdir, dry_run=args.dry_run,

@@ -199,9 +199,11 @@ def test_cpu_time_tells_computing_from_waiting():
     one core, a side that sleeps as long reads about none, and the CPU work ratio follows their CPU times."""
     r = train_step.time_alternating(_BusyStep(0.05), _WaitingStep(0.05), None, reps=3, steps_per_rep=2)
     jax_side, torch_side = r["jax"], r["torch"]
-    assert jax_side["cpu_s_median"] >= 0.05 and torch_side["cpu_s_median"] < 0.01, r
-    # One busy thread keeps at most one core busy (a loaded machine may take some of it from us).
-    assert 0.3 < jax_side["cores_busy_median"] <= 1.05 and torch_side["cores_busy_median"] < 0.1, r
+    assert jax_side["cpu_s_median"] >= 0.05 and torch_side["cpu_s_median"] < 0.25 * jax_side["cpu_s_median"], r
+    # One busy thread keeps about one core busy (a loaded machine may take part of it, and the process's other
+    # threads may add a little); the sleeping side next to none.
+    assert 0.15 < jax_side["cores_busy_median"] <= 1.5, r
+    assert torch_side["cores_busy_median"] < 0.25 * jax_side["cores_busy_median"], r
     assert r["cpu_work_ratio"] == pytest.approx(torch_side["cpu_s_median"] / jax_side["cpu_s_median"])
     assert r["ratio"] == pytest.approx(jax_side["examples_per_s"] / torch_side["examples_per_s"])
     assert r["steps_per_rep"] == 2 and jax_side["reps"] == torch_side["reps"] == 3

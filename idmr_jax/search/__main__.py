@@ -9,7 +9,9 @@ r"""``python -m idmr_jax.search SUBCOMMAND``: index a candidate pool with a trai
 ``--model`` is a training workdir of the universal / idmr task (its latest checkpoint, or a step directory
 ``W/checkpoints/<step>``); ``--config FILE[:ARGS]`` with ``--config.FIELD=VALUE`` overrides (as for
 ``python -m idmr_jax.main``) builds an imported model from ``config.model.init`` instead. ``query`` without
-either loads the workdir checkpoint recorded in the index. Rerunning an interrupted ``index`` resumes it.
+either loads the workdir checkpoint recorded in the index. Rerunning an interrupted ``index`` resumes it. Both keep
+compiled programs in the persistent compilation cache of ``idmr_jax.main`` (``--compilation-cache-dir``), so the
+next ``query`` reads its encoder's programs instead of compiling them.
 ``query`` prints (and with ``--out`` writes) one JSON line per query: ``{"query_id", "results": [{"did",
 "score", "modality"}, ...]}``, best first.
 
@@ -154,10 +156,15 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, _) in SUBCOMMANDS.items():
-        add_args(sub.add_parser(name))
+        p = sub.add_parser(name)
+        add_args(p)
+        p.add_argument("--compilation-cache-dir", default=None,
+                       help="persistent XLA compilation cache, so that the next call does not compile the encoder "
+                       "again (default ~/.cache/idmr_jax/xla; '' turns it off), as for python -m idmr_jax.main")
     args = parser.parse_args([a for a in argv if not a.startswith(CONFIG_PREFIX)])
     from idmr_jax import runtime
 
+    runtime.enable_compilation_cache(args.compilation_cache_dir)
     runtime.initialize()  # multi-host: joins the other processes when the environment says so
     try:
         return SUBCOMMANDS[args.command][1](args, overrides)

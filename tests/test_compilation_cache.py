@@ -63,8 +63,8 @@ def test_the_folder_follows_the_environment_then_the_flag():
 def test_one_folder_per_cpu_model_and_instruction_set(tmp_path):
     def cpuinfo(name, model, flags, cores=2):
         path = tmp_path / name
-        path.write_text("".join(f"processor\t: {i}\nmodel name\t: {model}\nflags\t\t: {flags}\ncpu MHz\t\t: {1000 + i}\n\n"
-                                for i in range(cores)))
+        core = "processor\t: {i}\nmodel name\t: {model}\nflags\t\t: {flags}\ncpu MHz\t\t: {mhz}\n\n"
+        path.write_text("".join(core.format(i=i, model=model, flags=flags, mhz=1000 + i) for i in range(cores)))
         return str(path)
 
     base = runtime.host_cache_subdir(cpuinfo("a", "Xeon", "fpu avx2 avx512f amx_tile"))

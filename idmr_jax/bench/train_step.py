@@ -23,10 +23,11 @@ comparison reports both sides' median step time and spread, examples/s, ``ratio 
 torch_examples_per_s`` and ``parity``: both sides' loss on the same weights with dropout off, within
 :func:`parity_tolerance`, which shows they compute the same function. Each side also reports its process CPU
 time per step and ``cores_busy_median`` (CPU time over wall time), and the comparison ``cpu_work_ratio =
-torch_cpu_s / jax_cpu_s``: where both sides keep all the cores busy, ``ratio`` cannot move away from
-``cpu_work_ratio``, so a higher ratio then needs less CPU work for the same step, not better scheduling. The JSON's top level repeats the default
-comparison (``ratio``, ``jax``, ``torch``, ``parity``, ``model``); ``comparisons`` holds all of them by
-``DTYPE/CACHE`` and ``ratios`` their ratios.
+torch_cpu_s / jax_cpu_s``. Since ``ratio = cpu_work_ratio * jax_cores_busy / torch_cores_busy`` (rep by rep;
+about so for the medians), where both sides keep every core busy a higher ratio needs less CPU work for the same
+step, not better scheduling. The JSON's top level repeats the default comparison (``ratio``, ``jax``,
+``torch``, ``parity``, ``model``); ``comparisons`` holds all of them by ``DTYPE/CACHE`` and ``ratios`` their
+ratios.
 
 JAX runs on one CPU device with ``--compare=torch`` (the machine's cores, as PyTorch's one process; fake
 ``--xla_force_host_platform_device_count`` devices would split the same cores), else on the config's mesh.

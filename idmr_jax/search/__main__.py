@@ -11,7 +11,7 @@ r"""``python -m idmr_jax.search SUBCOMMAND``: index a candidate pool with a trai
 ``python -m idmr_jax.main``) builds an imported model from ``config.model.init`` instead. ``query`` without
 either loads the workdir checkpoint recorded in the index. Rerunning an interrupted ``index`` resumes it. Both keep
 compiled programs in the persistent compilation cache of ``idmr_jax.main`` (``--compilation-cache-dir``), so the
-next ``query`` reads its encoder's programs instead of compiling them.
+next ``query`` reads its encoder's programs (those that took over a second to compile) instead of compiling them.
 ``query`` prints (and with ``--out`` writes) one JSON line per query: ``{"query_id", "results": [{"did",
 "score", "modality"}, ...]}``, best first.
 

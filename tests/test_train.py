@@ -31,7 +31,9 @@ def _flags(settings: dict) -> list[str]:
 
 
 def _main_cmd(workdir, settings: dict) -> list[str]:
-    return [sys.executable, "-m", "idmr_jax.main", f"--config={TINY}", f"--workdir={workdir}", *_flags(settings)]
+    # The config by absolute path, so that a run may start in another folder (with a relative --workdir).
+    return [sys.executable, "-m", "idmr_jax.main", f"--config={ROOT / TINY}", f"--workdir={workdir}",
+            *_flags(settings)]
 
 
 def _env() -> dict:
@@ -131,12 +133,13 @@ def test_nan_loss_stops_with_the_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_matches_uninterrupted_run(straight, tmp_path, capsys):
+def test_kill_and_resume_matches_uninterrupted_run(straight, tmp_path, capsys, monkeypatch):
     from idmr_jax.train import trainer
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_main_cmd(killed, {**RUN, **NO_EVAL}), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    # Started in tmp_path with a relative --workdir, as people type it (Orbax itself needs absolute paths).
+    proc = subprocess.Popen(_main_cmd("killed", {**RUN, **NO_EVAL}), cwd=tmp_path, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 900
     # Kill as soon as a mid-run checkpoint is final, i.e. while training is still going.
     while time.time() < deadline and proc.poll() is None:
@@ -148,8 +151,10 @@ def test_kill_and_resume_matches_uninterrupted_run(straight, tmp_path, capsys):
     proc.wait()
     assert not (killed / "checkpoints" / "20").exists()
 
-    # The same config resumed in this process (what the command line would build: the saved config must match).
-    trainer.train_and_evaluate(_task({**RUN, **NO_EVAL}), killed)
+    # The same config resumed in this process (what the command line would build: the saved config must match),
+    # through a relative path too.
+    monkeypatch.chdir(tmp_path)
+    trainer.train_and_evaluate(_task({**RUN, **NO_EVAL}), "killed")
     assert "resuming from checkpoint at step" in capsys.readouterr().out
     a, b = _final_params(straight, 20), _final_params(killed, 20)
     assert a.keys() == b.keys()

@@ -90,6 +90,20 @@ def test_dead_lock_is_taken_over_and_the_lock_released(base_run):
         assert integrity.verify(step_dir) is None
 
 
+def test_a_relative_workdir_is_made_absolute_and_locked(tmp_path, monkeypatch):
+    """``--workdir=workdir/demo`` as typed: the layout gives absolute paths (Orbax refuses relative ones), the
+    lock is taken and released there; remote paths are left as they are."""
+    monkeypatch.chdir(tmp_path)
+    assert layout.root("runs/a") == layout.root(tmp_path / "runs" / "a")
+    assert os.path.isabs(os.fspath(layout.checkpoints_dir("runs/a")))
+    assert str(layout.root("gs://bucket/runs/a")) == "gs://bucket/runs/a"
+    with lock.WorkdirLock("runs/a") as held:
+        assert held.held and (tmp_path / "runs" / "a" / ".lock").exists()
+        with pytest.raises(lock.WorkdirLockedError):
+            lock.WorkdirLock("runs/a").acquire()
+    assert not (tmp_path / "runs" / "a" / ".lock").exists()
+
+
 def test_live_lock_stops_a_second_run(base_run, tmp_path):
     workdir = _copy(base_run, tmp_path)
     _write_lock(workdir, os.getpid(), start_time=12345.0)

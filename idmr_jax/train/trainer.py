@@ -82,7 +82,7 @@ def train_and_evaluate(task: Task, workdir: str | epath.Path) -> dict:
 
     Holds the workdir's lock for the whole run (process 0 only; released on exceptions too).
     """
-    workdir = epath.Path(workdir)
+    workdir = layout.root(workdir)  # local ones made absolute (Orbax needs that)
     workdir.mkdir(parents=True, exist_ok=True)
     resume_mode = task.config.train.get("resume", "check")
     if resume_mode not in resume.RESUME_MODES:
@@ -205,7 +205,7 @@ def evaluate_only(task: Task, workdir: str | epath.Path) -> dict:
     of random weights are only reported when asked for by name. Fails before evaluating if
     ``WORKDIR/eval/`` is not writable.
     """
-    workdir = epath.Path(workdir)
+    workdir = layout.root(workdir)  # local ones made absolute (Orbax needs that)
     config = task.config
     # The optimiser state is only a restore target here: its schedule length does not matter.
     setup = setup_state(task, total_steps=1)

@@ -15,6 +15,8 @@ holding a ``state`` item are finished checkpoints (``corrupt/`` is not one). Pat
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 from etils import epath
 
@@ -30,9 +32,17 @@ LOCK_FILE = ".lock"
 EVAL_DIR = "eval"
 
 
+def root(path) -> epath.Path:
+    """`path` (a workdir or a folder in one) as an ``epath.Path``, made absolute when local: Orbax refuses relative
+    checkpoint paths, and a relative one (``--workdir=workdir/demo``) is what people type."""
+    if "://" in os.fspath(path):  # gs:// and other remote paths are absolute already
+        return epath.Path(path)
+    return epath.Path(os.path.abspath(os.fspath(path)))
+
+
 def checkpoints_dir(workdir) -> epath.Path:
     """``WORKDIR/checkpoints``, the folder Orbax's CheckpointManager owns."""
-    return epath.Path(workdir) / CHECKPOINTS_DIR
+    return root(workdir) / CHECKPOINTS_DIR
 
 
 def corrupt_dir(workdir) -> epath.Path:
@@ -42,7 +52,7 @@ def corrupt_dir(workdir) -> epath.Path:
 
 def lock_file(workdir) -> epath.Path:
     """``WORKDIR/.lock``: the lock of the run that writes to `workdir` (see ``idmr_jax.train.lock``)."""
-    return epath.Path(workdir) / LOCK_FILE
+    return root(workdir) / LOCK_FILE
 
 
 def finished_steps(workdir) -> list[int]:
@@ -75,7 +85,7 @@ def is_training_source(path) -> bool:
 
 def find_checkpoint(path) -> tuple[epath.Path, int]:
     """(step directory, step) for a workdir (its latest finished step) or a step directory."""
-    path = epath.Path(path)
+    path = root(path)
     if is_step_dir(path):
         return path, int(path.name)
     if not checkpoints_dir(path).is_dir():

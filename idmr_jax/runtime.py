@@ -10,6 +10,8 @@ import platform
 import jax
 from absl import logging
 
+from idmr_jax import paths
+
 # The persistent compilation cache's size limit: least recently used programs go first beyond it (local folders).
 COMPILATION_CACHE_MAX_BYTES = 4 << 30
 
@@ -66,13 +68,6 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
         ocp.multihost.get_barrier_sync_fn()(key=f"idmr_{name}", timeout_ms=timeout_s * 1000)
 
 
-def default_compilation_cache_dir(environ=os.environ) -> str:
-    """``$XDG_CACHE_HOME/idmr_jax/xla``, i.e. ``~/.cache/idmr_jax/xla`` unless XDG_CACHE_HOME says otherwise (the
-    demos keep their data beside it)."""
-    root = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "idmr_jax", "xla")
-
-
 def host_cache_subdir(cpuinfo: str = "/proc/cpuinfo") -> str:
     """``host-<hash>``: one folder per host CPU model and instruction set. XLA:CPU compiles for the host's own
     instruction set, so a folder shared by several machines (a home directory on NFS) must not hand one CPU's
@@ -90,13 +85,13 @@ def host_cache_subdir(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 def compilation_cache_folder(cache_dir: str | None, environ=os.environ) -> str | None:
     """The folder :func:`enable_compilation_cache` uses: ``JAX_COMPILATION_CACHE_DIR`` from `environ` as it is;
-    else None (off) for ``cache_dir == ""``; else `cache_dir` (None: :func:`default_compilation_cache_dir`) with
-    :func:`host_cache_subdir` below it."""
+    else None (off) for ``cache_dir == ""``; else `cache_dir` (None: ``~/.cache/idmr_jax/xla``, see
+    :mod:`idmr_jax.paths`) with :func:`host_cache_subdir` below it."""
     if environ.get("JAX_COMPILATION_CACHE_DIR"):
         return environ["JAX_COMPILATION_CACHE_DIR"]
     if cache_dir == "":
         return None
-    return os.path.join(os.path.expanduser(cache_dir) if cache_dir else default_compilation_cache_dir(environ),
+    return os.path.join(os.path.expanduser(cache_dir) if cache_dir else paths.cache_dir("xla", environ),
                         host_cache_subdir())
 
 

@@ -17,10 +17,7 @@ import jax
 import numpy as np
 from etils import epath
 
-
-def is_local(path: str | os.PathLike) -> bool:
-    """True for paths on the local filesystem, False for object-store URIs such as ``gs://bucket/x``."""
-    return "://" not in os.fspath(path)
+from idmr_jax import paths
 
 
 def summary_writer_class():
@@ -78,7 +75,7 @@ class _EventFileFactory:
 
 def _route_event_files(workdir: epath.Path) -> None:
     """Makes tensorboardX write event files under `workdir`'s URI scheme (e.g. ``gs``) through epath."""
-    if not is_local(workdir):
+    if not paths.is_local(workdir):
         from tensorboardX import record_writer
 
         record_writer.register_writer_factory(os.fspath(workdir).split("://", 1)[0], _EventFileFactory())
@@ -122,7 +119,7 @@ class MetricWriter:
         workdir = epath.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         jsonl = workdir / "metrics.jsonl"
-        self._jsonl = jsonl.open("ab") if is_local(jsonl) else ReplacingFile(jsonl, keep_existing=True)
+        self._jsonl = jsonl.open("ab") if paths.is_local(jsonl) else ReplacingFile(jsonl, keep_existing=True)
         SummaryWriter = summary_writer_class()  # imported lazily: only process 0 writes summaries  # noqa: N806
         _route_event_files(workdir)
         # Event files are named by the second they were created; the start step keeps a run that resumes within

@@ -20,7 +20,7 @@ import os
 import ml_collections
 from etils import epath
 
-from idmr_jax import precision
+from idmr_jax import paths, precision
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_ITEM = "state"
@@ -35,7 +35,7 @@ EVAL_DIR = "eval"
 def root(path) -> epath.Path:
     """`path` (a workdir or a folder in one) as an ``epath.Path``, made absolute when local: Orbax refuses relative
     checkpoint paths, and a relative one (``--workdir=workdir/demo``) is what people type."""
-    if "://" in os.fspath(path):  # gs:// and other remote paths are absolute already
+    if not paths.is_local(path):  # gs:// and other remote paths are absolute already
         return epath.Path(path)
     return epath.Path(os.path.abspath(os.fspath(path)))
 

@@ -68,12 +68,6 @@ _INSTANCES = {i.id: i for i in photos.INSTANCES}
 _CONTEXTS = {c.id: c for c in photos.CONTEXTS}
 
 
-def cache_dir(name: str) -> str:
-    """``$XDG_CACHE_HOME/idmr_jax/<name>`` (default ``~/.cache/idmr_jax/<name>``): where the demos keep their data."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "idmr_jax", name)
-
-
 def recipe_digest(seed: int, size: str, kind: str = "standard") -> str:
     """A digest of everything the output depends on besides the photo files: a changed catalog, template or size
     table invalidates a cached build by itself."""

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from idmr_jax import paths
 from idmr_jax.data.demo_bench import builder
 from idmr_jax.tasks.idmr.synth import synthesis
 from idmr_jax.tasks.idmr.synth.sources import demo_coco, load_coco
@@ -25,7 +26,7 @@ VAL_FRACTION = 0.3
 
 def default_cache() -> str:
     """The demo cache when ``config.data.demo_cache`` is empty: ``~/.cache/idmr_jax/idmr_demo``."""
-    return builder.cache_dir("idmr_demo")
+    return paths.cache_dir("idmr_demo")
 
 
 def prepare(config: ml_collections.ConfigDict) -> tuple[str, str]:

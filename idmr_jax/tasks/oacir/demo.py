@@ -13,13 +13,14 @@ import jax
 import ml_collections
 from absl import logging
 
+from idmr_jax import paths
 from idmr_jax.data.demo_bench import builder
 from idmr_jax.tasks.oacir import release
 
 
 def default_cache() -> str:
     """The demo cache when ``config.data.demo_cache`` is empty: ``~/.cache/idmr_jax/demo``."""
-    return builder.cache_dir("demo")
+    return paths.cache_dir("demo")
 
 
 def _split(config: ml_collections.ConfigDict) -> str:

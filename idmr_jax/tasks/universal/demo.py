@@ -43,6 +43,7 @@ from collections.abc import Iterator
 import ml_collections
 import numpy as np
 
+from idmr_jax.paths import cache_dir
 from idmr_jax.data import image_files
 from idmr_jax.data.demo_bench import builder, texts
 from idmr_jax.data.shards import (WRITER_OPTIONS, ShardPlan, json_digest, open_shard_state, shard_name,
@@ -71,7 +72,7 @@ __all__ = ["CAPTION_TEMPLATES", "CIR_KEY", "STAGES", "build_demo_data", "demo_di
 
 def default_cache() -> str:
     """The demo cache when ``config.data.demo_cache`` is empty: ``~/.cache/idmr_jax/universal_demo``."""
-    return builder.cache_dir("universal_demo")
+    return cache_dir("universal_demo")
 
 
 def demo_dirs(cache: str, seed: int, size: str) -> dict[str, str]:

@@ -4,7 +4,7 @@ embedder and a search index of a candidate pool (the rule, the output and the sk
 
     python -m idmr_jax.mine --workdir W --train SHARDS --index INDEX --out DIR [--k 50] [--num-above 2]
         [--num-near 2] [--window 10] [--negatives replace|append] [--candidates DIR] [--batch-size N]
-        [--strict] [--overwrite]
+        [--strict] [--overwrite] [--compilation-cache-dir DIR]
 
 ``--workdir`` is the training workdir (or one step directory) whose model built ``--index`` (``python -m
 idmr_jax.search index --model W``); the tool refuses an index another model embedded, whose scores would not be
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from idmr_jax import runtime
 from idmr_jax.data.grain_io import RecordReader, list_shards
 from idmr_jax.data.shards import ConversionError
 from idmr_jax.search import build, store
@@ -89,8 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--strict", action="store_true", help="fail (exit 2) on any skipped pair")
     p.add_argument("--overwrite", action="store_true", help="replace a manifest.json in --out that this tool did "
                    "not write (default: refuse)")
+    p.add_argument("--compilation-cache-dir", default=None, help="persistent XLA compilation cache (default "
+                   "~/.cache/idmr_jax/xla, shared with python -m idmr_jax.search, whose index call compiled the "
+                   "same query encoder; '' turns it off)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    runtime.enable_compilation_cache(a.compilation_cache_dir)
     try:
         rule = mining.MiningRule(k=a.k, num_above=a.num_above, num_near=a.num_near, window=a.window,
                                  negatives=a.negatives)

@@ -72,3 +72,36 @@ def test_one_folder_per_cpu_model_and_instruction_set(tmp_path):
     assert runtime.host_cache_subdir(cpuinfo("b", "Xeon", "fpu avx2 avx512f amx_tile", cores=8)) == base
     assert runtime.host_cache_subdir(cpuinfo("c", "Xeon", "fpu avx2 avx512f")) != base
     assert runtime.host_cache_subdir(cpuinfo("d", "EPYC", "fpu avx2 avx512f amx_tile")) != base
+
+
+def test_a_new_seed_reads_the_programs_of_another_seed():
+    # The seed enters the sharded init as data (train/state.py), so a run at a new seed compiles nothing that a run
+    # at another seed compiled: every program of its setup comes from the run's cache (tests/conftest.py).
+    import jax
+    import numpy as np
+
+    from configs import oacir
+    from idmr_jax import tasks
+    from idmr_jax.train.setup import setup_state
+
+    events = {"on": False, "requests": 0, "hits": 0}
+
+    def count(event, **_):
+        if events["on"] and event.startswith("/jax/compilation_cache/"):
+            key = {"compile_requests_use_cache": "requests", "cache_hits": "hits"}.get(event.rsplit("/", 1)[1])
+            if key:
+                events[key] += 1
+
+    jax.monitoring.register_event_listener(count)
+    states = {}
+    for seed in (0, 1):
+        config = oacir.get_config("tiny")
+        config.seed = seed
+        events["on"] = seed == 1
+        states[seed] = setup_state(tasks.build(config), total_steps=2).state
+    events["on"] = False
+    assert events["requests"] >= 1 and events["hits"] == events["requests"], events
+    for seed, state in states.items():
+        np.testing.assert_array_equal(np.asarray(state.rng), np.asarray(jax.random.key_data(jax.random.key(seed))))
+    a, b = (jax.tree.leaves(states[s].params) for s in (0, 1))
+    assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))

@@ -274,14 +274,18 @@ def tiny_run(tmp_path_factory):
     return {"root": root, "pairs": pairs, "embedder": embedder}
 
 
-def test_cli_mines_the_rule_over_the_models_own_ranking(tiny_run, capsys):
+def test_cli_mines_the_rule_over_the_models_own_ranking(tiny_run, capsys, monkeypatch):
+    from idmr_jax import runtime
     from idmr_jax.mine import main
     from idmr_jax.search import build
 
     root, pairs = tiny_run["root"], tiny_run["pairs"]
     args = ["--workdir", str(root / "workdir"), "--train", str(root / "train"), "--index", str(root / "index"),
             "--k", "6", "--num-above", "2", "--num-near", "1", "--window", "2"]
-    assert main([*args, "--out", str(root / "mined")]) == 0, capsys.readouterr().err
+    cache_dirs = []  # the compilation cache the CLI asks for (the test run's own stays in use: its variable wins)
+    monkeypatch.setattr(runtime, "enable_compilation_cache", lambda d=None: cache_dirs.append(d))
+    assert main([*args, "--out", str(root / "mined"), "--compilation-cache-dir", "/x"]) == 0, capsys.readouterr().err
+    assert cache_dirs == ["/x"]
     # The reference: the same queries as evaluation query records (the evaluation's text path), ranked by a
     # brute-force float32 dot product over the stored embeddings, and the rule applied to that ranking.
     index = store.open_index(str(root / "index"))

@@ -2,7 +2,7 @@
 
     mesh, rules  <- config.sharding (or a mesh given by the caller, e.g. a benchmark over fewer devices)
     optimiser    <- config.optim over the trainable params, read from the state's first (abstract) trace
-    state        <- create_train_state: initialised directly in its sharded layout, RNG from config.seed
+    state        <- create_train_state: initialised directly in its sharded layout from config.seed (passed as data)
 
 The trainer (training and evaluation), the step benchmarks and the interactive retriever all start here, so a
 state built by one is the state built by the others.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -55,9 +54,8 @@ def setup_state(task, *, total_steps: int, mesh: Mesh | None = None, abstract: b
         return built["optimizer"]
 
     with shd.axis_rules(mesh, rules):
-        rng = jax.random.key_data(jax.random.key(config.seed))
         graphdef, state, state_shardings = create_train_state(
-            task.build_model, task.frozen_patterns, make_optimizer, rng, mesh, rules, abstract=abstract)
+            task.build_model, task.frozen_patterns, make_optimizer, config.seed, mesh, rules, abstract=abstract)
     return Setup(mesh=mesh, rules=rules, graphdef=graphdef, state=state, state_shardings=state_shardings,
                  optimizer=built["optimizer"], schedules=built["schedules"])
 

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from idmr_jax import sharding as shd
+from idmr_jax.models.init_keys import seed_as_data
 from idmr_jax.weights import mapping
 
 LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
@@ -52,11 +53,15 @@ def split_model(model: nnx.Module, frozen_patterns: Sequence[str]):
     return graphdef, params, frozen
 
 
-def create_train_state(build_model: Callable[[], nnx.Module], frozen_patterns: Sequence[str],
+def create_train_state(build_model: Callable[[Any], nnx.Module], frozen_patterns: Sequence[str],
                        make_optimizer: Callable[[nnx.State], optax.GradientTransformation],
-                       rng: jax.Array, mesh: Mesh, rules, *, abstract: bool = False
+                       seed: int, mesh: Mesh, rules, *, abstract: bool = False
                        ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
     """Creates the train state directly in its sharded layout (eval_shape, then jit with out_shardings).
+
+    `build_model(seed)` builds the model from `seed` (see ``init_keys.seeded_model_rngs``); the state's base key
+    is ``jax.random.key(seed)``. The seed enters the jitted init as an argument, not as a constant, so every seed
+    runs the same compiled program: a run at a new seed reads it from the persistent compilation cache.
 
     Returns (graphdef, state, state_shardings). A full-size model never materialises on one device. With
     `abstract`, nothing is allocated: the state's arrays are ``jax.ShapeDtypeStruct`` with their shardings (to
@@ -65,17 +70,20 @@ def create_train_state(build_model: Callable[[], nnx.Module], frozen_patterns: S
 
     graphdefs = []  # the model's static structure, kept from the first trace (tracing a constructor is not free)
 
-    def init() -> TrainState:
-        model = build_model()
+    def init(seed_value: jax.Array) -> TrainState:
+        model = build_model(seed_value)
         graphdef, params, frozen = split_model(model, frozen_patterns)
         graphdefs.append(graphdef)
         opt_state = make_optimizer(params).init(params)
+        rng = jax.random.key_data(jax.random.key(seed_value))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=opt_state, rng=rng)
 
-    shapes = jax.eval_shape(init)
+    seed_value = seed_as_data(seed)
+    shapes = jax.eval_shape(init, seed_value)
     shardings = shd.state_shardings(shapes, mesh, rules)
-    state = shd.abstract_arrays(shapes, mesh, rules) if abstract else jax.jit(init, out_shardings=shardings)()
-    return graphdefs[0], state, shardings
+    if abstract:
+        return graphdefs[0], shd.abstract_arrays(shapes, mesh, rules), shardings
+    return graphdefs[0], jax.jit(init, out_shardings=shardings)(seed_value), shardings
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizer: optax.GradientTransformation,

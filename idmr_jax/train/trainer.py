@@ -45,7 +45,9 @@ class Task(Protocol):
     config: ml_collections.ConfigDict
     frozen_patterns: tuple[str, ...]
 
-    def build_model(self) -> nnx.Module: ...
+    def build_model(self, seed=None) -> nnx.Module:
+        """The model initialised from `seed`: ``config.seed`` when None, else an int or a traced scalar (the
+        sharded init passes the seed as data, so one compiled init serves every seed; see ``init_keys``)."""
     def load_pretrained(self, state, mesh) -> Any:
         """`state` with the initial weights written in; `state` itself (the same object) when it loads none."""
 

@@ -66,8 +66,8 @@ class CirTask:
         """The family task's model config."""
         return self.family.model_config
 
-    def build_model(self):
-        return self.family.build_model()
+    def build_model(self, seed=None):
+        return self.family.build_model(seed)
 
     def bind_mesh(self, mesh):
         return self.family.bind_mesh(mesh)

@@ -17,7 +17,7 @@ from idmr_jax.models import adafocal
 from idmr_jax.models.blip2 import Blip2Config, ln_vision_eps_for
 from idmr_jax.models.crm import CRMConfig
 from idmr_jax.models.efficientnet import EfficientNetEncoderConfig, EfficientNetLiteConfig
-from idmr_jax.models.init_keys import model_rngs
+from idmr_jax.models.init_keys import seeded_model_rngs
 from idmr_jax.models.qformer import QFormerConfig
 from idmr_jax.models.vit import vit_config
 from idmr_jax.tasks.oacir import fake
@@ -103,9 +103,10 @@ class OacirTask:
             self.feature_cache = feature_cache.FrozenFeatureCache(config, pipeline.image_spec(self.model_config))
 
     # ------------------------------------------------------------------ model
-    def build_model(self) -> adafocal.AdaFocal:
-        seed = self.config.seed
-        return adafocal.AdaFocal(self.model_config, rngs=model_rngs(params=seed, dropout=seed + 1))
+    def build_model(self, seed=None) -> adafocal.AdaFocal:
+        """The model, initialised from `seed` (default ``config.seed``; a traced seed: see ``init_keys``)."""
+        seed = self.config.seed if seed is None else seed
+        return adafocal.AdaFocal(self.model_config, rngs=seeded_model_rngs(seed))
 
     def load_pretrained(self, state, mesh):
         """Initial weights from ``config.model.init`` and packaged vision weights (none: the random init)."""

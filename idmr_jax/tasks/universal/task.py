@@ -34,7 +34,7 @@ from flax import nnx
 from idmr_jax.losses import gradcache
 from idmr_jax.losses.contrastive import BATCH_AXES, global_infonce
 from idmr_jax.models.efficientnet import EfficientNetEncoderConfig
-from idmr_jax.models.init_keys import model_rngs
+from idmr_jax.models.init_keys import seeded_model_rngs
 from idmr_jax.tasks.universal import backbones
 from idmr_jax.tasks.universal import model as embedder
 from idmr_jax.train.state import frozen_filter
@@ -81,9 +81,10 @@ class UniversalTask:
         return not any(str(path[0]) == "vision" for path, _ in nnx.to_flat_state(trainable))
 
     # ------------------------------------------------------------------ model
-    def build_model(self) -> nnx.Module:
-        seed = self.config.seed
-        return backbones.build_embedder(self.model_config, rngs=model_rngs(params=seed, dropout=seed + 1))
+    def build_model(self, seed=None) -> nnx.Module:
+        """The embedder, initialised from `seed` (default ``config.seed``; a traced seed: see ``init_keys``)."""
+        seed = self.config.seed if seed is None else seed
+        return backbones.build_embedder(self.model_config, rngs=seeded_model_rngs(seed))
 
     def load_pretrained(self, state, mesh):
         """Packaged EfficientNet weights for the demo's vision tower; then ``config.model.init``: a transformers

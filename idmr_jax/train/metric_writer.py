@@ -107,6 +107,10 @@ def results_table(results: dict[str, float], title: str = "results") -> str:
     return "\n".join(lines)
 
 
+# Seconds between two progress lines when stderr is not a terminal.
+NON_TERMINAL_REFRESH_S = 30.0
+
+
 class MetricWriter:
     """Writes ``WORKDIR/metrics.jsonl`` and TensorBoard summaries under ``WORKDIR/tensorboard``."""
 
@@ -128,7 +132,11 @@ class MetricWriter:
         if progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True, desc="train")
+            # In a terminal the bar redraws in place. Into a file (nohup, CI, a batch system's log) every redraw
+            # is kept, so it redraws only every NON_TERMINAL_REFRESH_S there.
+            self._interactive = sys.stderr.isatty()
+            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True, desc="train",
+                             mininterval=0.1 if self._interactive else NON_TERMINAL_REFRESH_S)
             self._bar.set_postfix_str("compiling the train step")  # the first step waits for XLA
 
     def write(self, step: int, metrics: dict, *, prefix: str = "train") -> None:
@@ -144,12 +152,13 @@ class MetricWriter:
             self._tb.add_scalar(f"{prefix}/{k}".replace("@", "_at_"), v, step)
         self._tb.flush()
         if self._bar is not None and prefix == "train":
-            self._bar.set_postfix({k: f"{scalars[k]:.4g}" for k in ("loss", "beta_mean") if k in scalars})
+            self._bar.set_postfix({k: f"{scalars[k]:.4g}" for k in ("loss", "beta_mean") if k in scalars},
+                                  refresh=self._interactive)
 
     def advance(self, step: int) -> None:
+        """Moves the progress bar to `step` (drawn at most every ``mininterval``)."""
         if self._bar is not None:
-            self._bar.n = step
-            self._bar.refresh()
+            self._bar.update(step - self._bar.n)
 
     def close(self) -> None:
         if not self.enabled:

@@ -1,5 +1,6 @@
 """The persistent compilation cache of `idmr_jax.main` (`idmr_jax.runtime.enable_compilation_cache`): where it
-goes, that a second process reads what the first compiled, and that it can be turned off."""
+goes, that a second process reads what the first compiled, that it can be turned off, and that a new seed compiles
+nothing that another seed compiled."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 from jax_env import subprocess_env
 
-from idmr_jax import runtime
+from configs import oacir
+from idmr_jax import runtime, tasks
+from idmr_jax.train.setup import setup_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,13 +82,6 @@ def test_one_folder_per_cpu_model_and_instruction_set(tmp_path):
 def test_a_new_seed_reads_the_programs_of_another_seed():
     # The seed enters the sharded init as data (train/state.py), so a run at a new seed compiles nothing that a run
     # at another seed compiled: every program of its setup comes from the run's cache (tests/conftest.py).
-    import jax
-    import numpy as np
-
-    from configs import oacir
-    from idmr_jax import tasks
-    from idmr_jax.train.setup import setup_state
-
     events = {"on": False, "requests": 0, "hits": 0}
 
     def count(event, **_):

@@ -118,6 +118,9 @@ class MetricWriter:
         self.enabled = jax.process_index() == 0
         self.total_steps = total_steps
         self._bar = None
+        # In a terminal the bar redraws in place. Into a file (nohup, CI, a batch system's log) every redraw is
+        # kept, so there it redraws only every NON_TERMINAL_REFRESH_S.
+        self._interactive = sys.stderr.isatty()
         if not self.enabled:
             return
         workdir = epath.Path(workdir)
@@ -132,9 +135,6 @@ class MetricWriter:
         if progress:
             from tqdm import tqdm
 
-            # In a terminal the bar redraws in place. Into a file (nohup, CI, a batch system's log) every redraw
-            # is kept, so it redraws only every NON_TERMINAL_REFRESH_S there.
-            self._interactive = sys.stderr.isatty()
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True, desc="train",
                              mininterval=0.1 if self._interactive else NON_TERMINAL_REFRESH_S)
             self._bar.set_postfix_str("compiling the train step")  # the first step waits for XLA

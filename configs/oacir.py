@@ -64,6 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         intermediate_size=128 if tiny else 3072, cross_attention_freq=2, vocab_size=30522,
         max_position_embeddings=512,
         remat=False,  # True: each layer recomputed in the backward pass (its gathered weights are not kept alive)
+        scan=False,  # True: one jax.lax.scan over pairs of layers, compiled once (models/qformer.py)
         # BERT's 0.02 init leaves a *random* tiny Q-Former almost blind to its input, so its contrastive loss
         # sits at log(B) for many steps; real runs start from pretrained weights (config.model.init).
         initializer_range=0.2 if tiny else 0.02,

@@ -234,6 +234,35 @@ def test_remat_same_gradients():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # two backward compilations
+def test_scanned_layers_match_the_loop():
+    """scan_layers runs the 4 layers as a scan over 2 units (cross-attention layer + plain layer): the same outputs,
+    gradients and dropout masks as the loop, the streams advanced alike; attention probabilities still come back."""
+    scan_model = QFormer(QFormerConfig(**{**CFG.__dict__, "scan_layers": True}), rngs=nnx.Rngs(0))
+    loop_model = QFormer(CFG, rngs=nnx.Rngs(0))
+    assert scan_model._scan_units() is not None and loop_model._scan_units() is None
+    kw = _kw(*_inputs(7))
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(CFG.hidden_size,)), jnp.float32)
+
+    def loss(m):
+        return jnp.sum(m(**kw, deterministic=False).last_hidden_state @ w)
+
+    grad = nnx.jit(nnx.value_and_grad(loss))
+    (l_loop, g_loop), (l_scan, g_scan) = grad(loop_model), grad(scan_model)
+    assert float(l_scan) == pytest.approx(float(l_loop), rel=1e-5)  # the same dropout masks, else far apart
+    leaves_loop, leaves_scan = jax.tree.leaves(g_loop), jax.tree.leaves(g_scan)
+    assert len(leaves_loop) == len(leaves_scan) and max(float(jnp.abs(a).max()) for a in leaves_loop) > 0.1
+    for a, b in zip(leaves_loop, leaves_scan):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    counts = [jax.tree.leaves(nnx.state(m, nnx.RngCount)) for m in (loop_model, scan_model)]
+    assert [int(c) for c in counts[0]] == [int(c) for c in counts[1]] and max(int(c) for c in counts[0]) > 0
+    forward = nnx.jit(lambda m: m(**kw).last_hidden_state)
+    det = [forward(m) for m in (loop_model, scan_model)]
+    assert _max_diff(*det) < 1e-5
+    probs = run(scan_model, **kw)  # asks for the attention probabilities, which only the loop returns
+    assert len(probs.cross_attentions) == 2 and _max_diff(probs.last_hidden_state, det[0]) < 1e-5
+
+
 # bf16 has an 8-bit mantissa (relative step 2**-8 ~ 0.4%); after 4 post-LN layers the hidden states (unit-scale
 # by LayerNorm) stay within 0.1 absolute of the float32 result.
 BF16_TOL = 0.1

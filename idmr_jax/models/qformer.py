@@ -62,6 +62,10 @@ class QFormerConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool = False  # rematerialise each layer in the backward pass
+    # Run the layers as a jax.lax.scan over units of cross_attention_freq layers (one cross-attention layer and
+    # the plain ones after it), so that XLA compiles one unit instead of every layer. The params keep their
+    # per-layer layout (they are stacked for the scan), so checkpoints and converters are unchanged.
+    scan_layers: bool = False
     precision: str | None = None  # matmul precision: "default" | "high" | "highest" | None
 
     def __post_init__(self):
@@ -312,6 +316,9 @@ class QFormer(nnx.Module):
         if cfg.remat:
             run = nnx.remat(run)
 
+        units = self._scan_units()
+        if units and not (return_self_attentions or return_cross_attentions):
+            return QFormerOutput(last_hidden_state=_scan(units, run, x, deterministic), query_length=query_length)
         self_probs, cross_probs = [], []
         for layer in self.layers:
             x, sp, cp = run(layer, x)
@@ -324,6 +331,34 @@ class QFormer(nnx.Module):
             cross_attentions=tuple(cross_probs) if return_cross_attentions else None,
             self_attentions=tuple(self_probs) if return_self_attentions else None,
         )
+
+    def _scan_units(self) -> list[tuple[QFormerLayer, ...]] | None:
+        """The layers in units of ``cross_attention_freq`` (each starts with its cross-attention layer) when
+        ``cfg.scan_layers`` and the units are at least two and whole; else None (the layers run one by one)."""
+        freq, n = self.cfg.cross_attention_freq, len(self.layers)
+        if not self.cfg.scan_layers or n % freq or n // freq < 2:
+            return None
+        return [tuple(self.layers[i:i + freq]) for i in range(0, n, freq)]
+
+
+def _scan(units: list[tuple[QFormerLayer, ...]], run, x: Array, deterministic: bool) -> Array:
+    """`x` through every unit in order, as one ``jax.lax.scan`` over the units' stacked variables. With dropout,
+    each layer's stream advances as in the loop (the counters are written back), so the masks are the same."""
+    graphdef, _ = nnx.split(units[0])
+    states = [nnx.split(unit)[1] for unit in units]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+    def body(h, state):
+        unit = nnx.merge(graphdef, state)
+        for layer in unit:
+            h = run(layer, h)[0]
+        return h, nnx.state(unit, nnx.RngState)  # the dropout streams, not the (unchanged) params
+
+    x, advanced = jax.lax.scan(body, x, stacked)
+    if not deterministic:  # else nothing drew: nothing is written back (the variables may belong to an outer trace)
+        for i, unit in enumerate(units):
+            nnx.update(unit, jax.tree.map(lambda a: a[i], advanced))
+    return x
 
 
 def qformer_param_shapes(cfg: QFormerConfig) -> dict[str, tuple[int, ...]]:

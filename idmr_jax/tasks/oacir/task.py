@@ -43,7 +43,8 @@ def model_config(config: ml_collections.ConfigDict) -> adafocal.AdaFocalConfig:
         encoder_hidden_size=vision.width, vocab_size=q.vocab_size,
         max_position_embeddings=q.max_position_embeddings, layer_norm_eps=q.get("layer_norm_eps", 1e-12),
         initializer_range=q.get("initializer_range", 0.02), hidden_dropout=q.get("dropout", 0.1),
-        attention_dropout=q.get("dropout", 0.1), remat=bool(q.get("remat", False)), **dtypes("qformer", False))
+        attention_dropout=q.get("dropout", 0.1), remat=bool(q.get("remat", False)),
+        scan_layers=bool(q.get("scan", False)), **dtypes("qformer", False))
     blip2 = Blip2Config(vision=vision, qformer=qformer, num_query_tokens=m.num_query_tokens,
                         embed_dim=m.embed_dim, temp_init=m.temp_init,
                         ln_vision_eps=ln_vision_eps_for(m.init.format, vision))

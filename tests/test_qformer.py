@@ -240,7 +240,7 @@ def test_scanned_layers_match_the_loop():
     gradients and dropout masks as the loop, the streams advanced alike; attention probabilities still come back."""
     scan_model = QFormer(QFormerConfig(**{**CFG.__dict__, "scan_layers": True}), rngs=nnx.Rngs(0))
     loop_model = QFormer(CFG, rngs=nnx.Rngs(0))
-    assert scan_model._scan_units() is not None and loop_model._scan_units() is None
+    assert scan_model.scan_units() is not None and loop_model.scan_units() is None
     kw = _kw(*_inputs(7))
     w = jnp.asarray(np.random.default_rng(0).normal(size=(CFG.hidden_size,)), jnp.float32)
 

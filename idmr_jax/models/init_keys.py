@@ -67,9 +67,8 @@ class EagerRngStream(nnx.RngStream):
             blocks = _TRACED_STREAMS.get(id(self))
             if blocks is None:
                 return super().__call__()  # streams forked from this one (``fork``) are of this type too
-            self.count._check_can_update()
             i = int(self.count[...])
-            self.count[...] += 1
+            self.count[...] += 1  # NNX refuses this from another trace level, as it refuses any draw there
             return blocks[i]
 
     def draw_in_blocks(self) -> None:

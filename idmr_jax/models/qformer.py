@@ -316,7 +316,7 @@ class QFormer(nnx.Module):
         if cfg.remat:
             run = nnx.remat(run)
 
-        units = self._scan_units()
+        units = self.scan_units()
         if units and not (return_self_attentions or return_cross_attentions):
             return QFormerOutput(last_hidden_state=_scan(units, run, x, deterministic), query_length=query_length)
         self_probs, cross_probs = [], []
@@ -332,7 +332,7 @@ class QFormer(nnx.Module):
             self_attentions=tuple(self_probs) if return_self_attentions else None,
         )
 
-    def _scan_units(self) -> list[tuple[QFormerLayer, ...]] | None:
+    def scan_units(self) -> list[tuple[QFormerLayer, ...]] | None:
         """The layers in units of ``cross_attention_freq`` (each starts with its cross-attention layer) when
         ``cfg.scan_layers`` and the units are at least two and whole; else None (the layers run one by one)."""
         freq, n = self.cfg.cross_attention_freq, len(self.layers)
@@ -344,9 +344,9 @@ class QFormer(nnx.Module):
 def _scan(units: list[tuple[QFormerLayer, ...]], run, x: Array, deterministic: bool) -> Array:
     """`x` through every unit in order, as one ``jax.lax.scan`` over the units' stacked variables. With dropout,
     each layer's stream advances as in the loop (the counters are written back), so the masks are the same."""
-    graphdef, _ = nnx.split(units[0])
-    states = [nnx.split(unit)[1] for unit in units]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    splits = [nnx.split(unit) for unit in units]
+    graphdef = splits[0][0]  # the units are alike: one graph for all
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in splits))
 
     def body(h, state):
         unit = nnx.merge(graphdef, state)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from idmr_jax import precision
-from idmr_jax.bench import flops, train_step
+from idmr_jax.bench import configs, flops, train_step
 from idmr_jax.bench.__main__ import main
 from idmr_jax.models.qformer import QFormer, QFormerConfig
 from idmr_jax.models.vit import VisionTransformer, vit_config
@@ -31,7 +31,7 @@ def train_step_json(tmp_path_factory):
     """One tiny side-by-side run, shared by the train_step and input checks (compiling a step dominates)."""
     tmp = tmp_path_factory.mktemp("bench")
     result = _run(tmp, "train_step", "--config=tiny,baseline", "--devices=1", "--compare=torch", "--reps=2",
-                  "--warmup=1", "--only", "--dtype=float32")
+                  "--warmup=1", "--only", "--dtype=float32", "--peak-sizes=128,256")
     return tmp / "train_step.json", result
 
 
@@ -46,6 +46,40 @@ def test_train_step_against_the_torch_baseline(train_step_json):
     for side in ("jax", "torch"):
         assert r[side]["reps"] == 2 and r[side]["min_s"] <= r[side]["median_s"] <= r[side]["max_s"]
         assert np.isfinite(r[side]["last_loss"])
+    _check_roofline(r, "float32", reps=2)
+
+
+def _check_roofline(r, dtype, *, reps):
+    """The roofline block: the peak timed in every rep at the compute dtype, and the utilisations, the ceiling
+    and the target's utilisation consistent with the measured step times."""
+    roof = r["roofline"]
+    assert roof["peak"]["dtype"] == dtype and [s["n"] for s in roof["peak"]["sizes"]] == [128, 256]
+    assert all(s["reps"] == reps for s in roof["peak"]["sizes"])
+    assert roof["peak_flops_per_s"] == max(s["flops_per_s"] for s in roof["peak"]["sizes"])
+    at_peak = roof["model_flops"] / roof["peak_flops_per_s"]
+    assert roof["jax_utilisation"] == pytest.approx(at_peak / r["jax"]["median_s"])
+    assert roof["ratio_ceiling"] == pytest.approx(r["torch"]["median_s"] / at_peak)
+    # Same matmuls on both sides: the wall ratio is the ratio of the two utilisations of one peak.
+    assert r["ratio"] == pytest.approx(roof["jax_utilisation"] / roof["torch_utilisation"])
+    assert roof["jax_utilisation_for_target"] == pytest.approx(train_step.TARGET_RATIO * roof["torch_utilisation"])
+    assert 0 < roof["jax_utilisation"] < 1 and roof["ratio_ceiling"] > r["ratio"]
+
+
+def test_roofline_counts_the_matmuls_each_side_runs():
+    """Identical work, one FLOP count: the cached-ViT comparison drops exactly the two images' ViT forward."""
+    config = configs.load("tiny,baseline", dtype="bfloat16")
+    mc = configs.model_config(config)
+    bs = int(config.data.batch_size)
+    uncached = train_step.step_model_flops(config, bs, "none")
+    assert uncached == flops.train_step_flops(mc, bs, int(config.data.max_text_len))["total"]
+    vit = 2 * bs * flops.vit_forward(mc.blip2.vision, mc.image_size)
+    assert train_step.step_model_flops(config, bs, "both") == uncached - vit
+    # 1 GFLOP at 1 TFLOP/s is 1 ms: a 4 ms JAX step uses 25% of the peak, a 2 ms PyTorch step 50%; the ceiling is
+    # 2 ms / 1 ms, and the target ratio needs 1.5 x 50% of the peak from JAX.
+    roof = train_step.roofline(1e9, 1e12, jax_s=4e-3, torch_s=2e-3)
+    assert roof["jax_utilisation"] == pytest.approx(0.25) and roof["torch_utilisation"] == pytest.approx(0.5)
+    assert roof["ratio_ceiling"] == pytest.approx(2.0) and roof["matmuls_at_peak_s"] == pytest.approx(1e-3)
+    assert roof["jax_utilisation_for_target"] == pytest.approx(0.75)
 
 
 def test_cached_vit_features_change_no_number(tmp_path):
@@ -55,13 +89,14 @@ def test_cached_vit_features_change_no_number(tmp_path):
              "--warmup=1", "--vit-cache=jax", "--only", "--dtype=float32")
     assert r["model"]["vit_cache"] == "jax"
     assert r["parity"]["abs_diff"] <= 1e-4, r["parity"]
+    assert "roofline" not in r  # the two sides do different work: no common FLOP count
 
 
 def test_train_step_bf16_against_torch_autocast(tmp_path):
     """The suite's default comparison (bf16, the ViT every step on both sides) at tiny size: PyTorch under
     autocast computes the JAX bf16 step's loss within the precision policy's documented loss tolerance."""
     r = _run(tmp_path, "train_step", "--config=tiny,baseline", "--devices=1", "--compare=torch", "--reps=1",
-             "--warmup=1", "--only")
+             "--warmup=1", "--only", "--peak-sizes=128,256")
     assert r["default"] == "bfloat16/none" and list(r["comparisons"]) == ["bfloat16/none"]
     assert r["model"]["precision"] == "bf16" and r["model"]["vit_cache"] == "none"
     assert r["torch"]["autocast"] == "bfloat16" and r["torch"]["threads"] == train_step.cpu_threads()
@@ -70,6 +105,7 @@ def test_train_step_bf16_against_torch_autocast(tmp_path):
     assert p["within_tolerance"] and p["abs_diff"] <= precision.TOLERANCES["loss"] * abs(p["loss_jax"]), p
     assert p["abs_diff"] > 0  # bf16 rounding on both sides: an exact match would mean float32 ran
     assert r["ratio"] == pytest.approx(r["jax"]["examples_per_s"] / r["torch"]["examples_per_s"])
+    _check_roofline(r, "bfloat16", reps=1)
 
 
 def test_train_step_runs_the_comparison_matrix_by_default():

@@ -52,6 +52,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2)
 
 
+def peak_sizes(flag: str | None) -> list[int]:
+    """The square matmul sizes of the measured peak: `flag` (``"1024,2048"``) if given, else 1024 and 2048 on
+    CPU, 4096 and 8192 on accelerators."""
+    import jax
+
+    if flag:
+        return common.parse_ints(flag)
+    return [1024, 2048] if jax.default_backend() == "cpu" else [4096, 8192]
+
+
+def peak_dtype(config) -> str:
+    """The dtype the peak is measured in: the compute dtype of the trained part's matmuls (the Q-Former's)."""
+    from idmr_jax import precision
+
+    return precision.dtype_name(precision.compute_dtype(config, "qformer"))
+
+
 def matmul_calls(sizes, dtype: str) -> dict[str, dict[int, Callable[[], Any]]]:
     """Zero-argument calls of an ``n x n @ n x n`` product per size: ``{"xla": {n: call}}`` (jitted, synced), and
     on CPU in float32 also ``{"numpy_blas": {n: call}}`` (NumPy's BLAS: a different library, a second opinion
@@ -78,7 +95,9 @@ def matmul_calls(sizes, dtype: str) -> dict[str, dict[int, Callable[[], Any]]]:
     return calls
 
 
-def _peak_summary(times: dict[int, list[float]], dtype: str) -> dict:
+def peak_summary(times: dict[int, list[float]], dtype: str) -> dict:
+    """Per size, the median FLOP/s of the timed ``n x n @ n x n`` products in `times` (``{n: [seconds]}``), and
+    ``best_flops_per_s``: the highest of them, the attainable matmul peak."""
     rows = []
     for n, ts in times.items():
         s = common.summarize(ts)
@@ -96,7 +115,6 @@ def _xla_flops(compiled) -> float | None:
 def run(args: argparse.Namespace) -> dict:
     import jax
 
-    from idmr_jax import precision
     from idmr_jax.bench import configs, flops, jax_step
 
     config = configs.load(args.config, dtype=args.dtype, batch_size=args.batch_size,
@@ -117,8 +135,8 @@ def run(args: argparse.Namespace) -> dict:
                        "xla_over_analytic": xla * js.mesh.size / analytic["total"] if xla else None}
 
     cpu = jax.default_backend() == "cpu"
-    sizes = common.parse_ints(args.peak_sizes) if args.peak_sizes else ([1024, 2048] if cpu else [4096, 8192])
-    dtype = precision.dtype_name(precision.compute_dtype(config, "qformer"))  # the trained part's matmuls
+    sizes = peak_sizes(args.peak_sizes)
+    dtype = peak_dtype(config)
     calls = matmul_calls(sizes, dtype)
     # Step and peak reps alternate, so both see the same machine (a shared or throttled host drifts over minutes).
     step_times, peak_times = [], {lib: {n: [] for n in sizes} for lib in calls}
@@ -136,13 +154,13 @@ def run(args: argparse.Namespace) -> dict:
     step["examples_per_s"] = js.batch_size / step["median_s"]
     result["step"] = step
 
-    peak = _peak_summary(peak_times["xla"], dtype)
+    peak = peak_summary(peak_times["xla"], dtype)
     result["peak"] = peak
     achieved = analytic["total"] / step["median_s"] / js.mesh.size  # per device, as the peak
     result["achieved_flops_per_s_per_device"] = achieved
     result["utilisation"] = achieved / peak["best_flops_per_s"]
     if "numpy_blas" in peak_times:
-        result["peak_numpy_blas"] = _peak_summary(peak_times["numpy_blas"], "float32")
+        result["peak_numpy_blas"] = peak_summary(peak_times["numpy_blas"], "float32")
         best = max(peak["best_flops_per_s"], result["peak_numpy_blas"]["best_flops_per_s"])
         result["utilisation_vs_best_peak"] = achieved / best
     if xla:

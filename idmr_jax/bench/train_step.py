@@ -29,6 +29,13 @@ step, not better scheduling. The JSON's top level repeats the default comparison
 ``torch``, ``parity``, ``model``); ``comparisons`` holds all of them by ``DTYPE/CACHE`` and ``ratios`` their
 ratios.
 
+With ``--compare=torch`` a comparison of identical work (``--vit-cache`` ``none`` or ``both``) also reports a
+``roofline``: the step's model FLOPs (its matmuls, counted as :mod:`idmr_jax.bench.flops` counts them) against
+the machine's matmul peak in the compute dtype, measured in the same reps (:mod:`idmr_jax.bench.mfu`). Both
+sides do those matmuls, so their utilisations of the peak compare directly; ``ratio_ceiling`` is the ratio JAX
+would reach if its step were nothing but those matmuls at the peak, and ``jax_utilisation_for_target`` the share
+of the peak JAX's whole step would need for a ratio of ``TARGET_RATIO``.
+
 JAX runs on one CPU device with ``--compare=torch`` (the machine's cores, as PyTorch's one process; fake
 ``--xla_force_host_platform_device_count`` devices would split the same cores), else on the config's mesh.
 ``--profile=DIR`` also traces the default comparison's step with ``jax.profiler`` (and ``torch.profiler`` with
@@ -42,12 +49,13 @@ import os
 import statistics
 import time
 
-from idmr_jax.bench import common
+from idmr_jax.bench import common, mfu
 
 DTYPES = ("float32", "bfloat16")
 # The ViT modes of the comparison matrix: identical work on both sides, uncached and cached.
 MATRIX_CACHES = ("none", "both")
 FLOAT32_PARITY_ABS = 1e-4  # float32: both sides' losses agree to float32 rounding over the step's reductions
+TARGET_RATIO = 1.5  # the project's target for the default comparison (BENCHMARKS.md section 1)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -72,6 +80,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="consecutive steps per timed rep (JAX syncs once per rep, as the trainer does)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peak-sizes", default=None,
+                   help="square matmul sizes of the roofline's measured peak (default: mfu's, 1024,2048 on CPU)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also trace the default comparison's step into DIR and summarise where its time goes")
 
@@ -142,7 +152,7 @@ def run(args: argparse.Namespace) -> dict:
         result["comparisons"][key(dtype, vit_cache)] = compare_one(args, dtype, vit_cache, profile_dir=profile_dir)
     default = result["comparisons"][result["default"]]
     for field in ("model", "build_s", "compile_s", "steps_per_rep", "jax", "torch", "parity", "ratio",
-                  "paired_ratio_median", "cpu_work_ratio", "profile"):
+                  "paired_ratio_median", "cpu_work_ratio", "roofline", "profile"):
         if field in default:
             result[field] = default[field]
     if args.compare == "torch":
@@ -202,6 +212,11 @@ def compare_one(args: argparse.Namespace, dtype: str, vit_cache: str, *, profile
                            "autocast": ts.compute_dtype if ts.autocast else None,
                            "trainable_params": ts.num_trainable()}
 
+    peak_calls = model_flops = None
+    if compare and vit_cache != "jax":  # identical work: one FLOP count for both sides
+        model_flops = step_model_flops(config, bs, vit_cache)
+        peak_calls = mfu.matmul_calls(mfu.peak_sizes(args.peak_sizes), mfu.peak_dtype(config))["xla"]
+
     t0 = time.perf_counter()
     js.compile()
     result["compile_s"] = time.perf_counter() - t0
@@ -209,9 +224,16 @@ def compare_one(args: argparse.Namespace, dtype: str, vit_cache: str, *, profile
         js.sync(js.run())
         if ts is not None:
             ts.step(tbatch)
-    timing = time_alternating(js, ts, tbatch, reps=args.reps, steps_per_rep=args.steps_per_rep)
+        for call in (peak_calls or {}).values():
+            call()
+    timing = time_alternating(js, ts, tbatch, reps=args.reps, steps_per_rep=args.steps_per_rep,
+                              peak_calls=peak_calls)
     if ts is not None:
         timing["torch"] = {**result.pop("torch"), **timing["torch"]}
+    if peak_calls:
+        peak = mfu.peak_summary(timing.pop("peak_times"), mfu.peak_dtype(config))
+        result["roofline"] = {**roofline(model_flops, peak["best_flops_per_s"], timing["jax"]["median_s"],
+                                         timing["torch"]["median_s"]), "peak": peak}
     result.update(timing)
     if profile_dir:
         from idmr_jax.bench import step_profile
@@ -222,11 +244,34 @@ def compare_one(args: argparse.Namespace, dtype: str, vit_cache: str, *, profile
     return result
 
 
-def time_alternating(js, ts, tbatch, *, reps: int, steps_per_rep: int) -> dict:
+def step_model_flops(config, batch_size: int, vit_cache: str) -> float:
+    """Model FLOPs of one step of the compared model (:func:`idmr_jax.bench.flops.train_step_flops`); with
+    ``vit_cache="both"`` without the frozen ViT's forward, which neither side then runs."""
+    from idmr_jax.bench import configs, flops
+
+    parts = flops.train_step_flops(configs.model_config(config), batch_size, int(config.data.max_text_len),
+                                   frozen_vision=bool(config.model.freeze_vision))
+    return float(parts["total"] - (parts["vit_forward"] if vit_cache == "both" else 0))
+
+
+def roofline(model_flops: float, peak_flops_per_s: float, jax_s: float, torch_s: float) -> dict:
+    """The step's matmuls against the measured matmul peak (see the module docstring): each side's utilisation
+    of the peak, ``ratio_ceiling = torch_s / (model_flops / peak)`` and the JAX utilisation that a ratio of
+    ``TARGET_RATIO`` needs, ``TARGET_RATIO * torch_utilisation``. Above 1 it cannot be reached."""
+    at_peak_s = model_flops / peak_flops_per_s
+    return {"model_flops": model_flops, "peak_flops_per_s": peak_flops_per_s, "matmuls_at_peak_s": at_peak_s,
+            "jax_utilisation": at_peak_s / jax_s, "torch_utilisation": at_peak_s / torch_s,
+            "ratio_ceiling": torch_s / at_peak_s, "target_ratio": TARGET_RATIO,
+            "jax_utilisation_for_target": TARGET_RATIO * at_peak_s / torch_s}
+
+
+def time_alternating(js, ts, tbatch, *, reps: int, steps_per_rep: int, peak_calls: dict | None = None) -> dict:
     """Timed reps of `js` (a :class:`~idmr_jax.bench.jax_step.JaxStep`: ``run``, ``sync``, ``batch_size``) and,
     unless `ts` is None, of ``ts.step(tbatch)`` (the PyTorch step), JAX then PyTorch in each rep. Returns both
     sides' wall-time summaries, CPU time and cores kept busy, ``ratio``, ``paired_ratio_median`` and
-    ``cpu_work_ratio`` (see the module docstring)."""
+    ``cpu_work_ratio`` (see the module docstring). `peak_calls` (``{n: call}``, :func:`mfu.matmul_calls`) are
+    timed once each per rep after the steps, so the peak sees the same machine; their times come back as
+    ``peak_times``."""
     # Wall time is the measure; CPU time tells whether a side used the cores or waited (and, on a shared machine,
     # whether the load took them).
     # A rep is `steps_per_rep` consecutive steps: JAX dispatches them back to back and waits once at the end, as
@@ -234,6 +279,7 @@ def time_alternating(js, ts, tbatch, *, reps: int, steps_per_rep: int) -> dict:
     # step's computation; torch runs them one after another (each `step` reads its loss).
     w = max(steps_per_rep, 1)
     jax_times, torch_times, jax_cpu, torch_cpu, torch_loss, metrics = [], [], [], [], None, None
+    peak_times: dict[int, list[float]] = {}
     for _ in range(reps):
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(w):
@@ -247,6 +293,8 @@ def time_alternating(js, ts, tbatch, *, reps: int, steps_per_rep: int) -> dict:
                 torch_loss = ts.step(tbatch)
             torch_times.append((time.perf_counter() - t0) / w)
             torch_cpu.append((time.process_time() - c0) / w)
+        for n, call in (peak_calls or {}).items():
+            peak_times.setdefault(n, []).extend(common.time_calls(call, warmup=0, reps=1))
     bs = js.batch_size
     out = {"steps_per_rep": w, "jax": {**_side(jax_times, jax_cpu, bs), "last_loss": float(metrics["loss"])}}
     if ts is not None:
@@ -254,4 +302,6 @@ def time_alternating(js, ts, tbatch, *, reps: int, steps_per_rep: int) -> dict:
         out["ratio"] = out["jax"]["examples_per_s"] / out["torch"]["examples_per_s"]
         out["paired_ratio_median"] = statistics.median(t / j for j, t in zip(jax_times, torch_times))
         out["cpu_work_ratio"] = out["torch"]["cpu_s_median"] / out["jax"]["cpu_s_median"]
+    if peak_calls:
+        out["peak_times"] = peak_times
     return out

@@ -119,7 +119,7 @@ def test_inputs_embeds_position_ids_and_score_tokens(saved):
     tmodel, folder = saved["llama"]
     model = _import(folder)
     ids, mask = _batch(True, seed=5)
-    pos = np.asarray(rotary.positions_from_mask(jnp.asarray(mask)))
+    pos = np.array(rotary.positions_from_mask(jnp.asarray(mask)))  # a writable copy, for torch.from_numpy
     emb = model.embed(jnp.asarray(ids))
     h = model(inputs_embeds=emb, attention_mask=jnp.asarray(mask), position_ids=jnp.asarray(pos))
     with torch.no_grad():

@@ -213,9 +213,10 @@ def compare_one(args: argparse.Namespace, dtype: str, vit_cache: str, *, profile
                            "trainable_params": ts.num_trainable()}
 
     peak_calls = model_flops = None
+    peak_dtype = mfu.peak_dtype(config)
     if compare and vit_cache != "jax":  # identical work: one FLOP count for both sides
         model_flops = step_model_flops(config, bs, vit_cache)
-        peak_calls = mfu.matmul_calls(mfu.peak_sizes(args.peak_sizes), mfu.peak_dtype(config))["xla"]
+        peak_calls = mfu.matmul_calls(mfu.peak_sizes(args.peak_sizes), peak_dtype)["xla"]
 
     t0 = time.perf_counter()
     js.compile()
@@ -231,7 +232,7 @@ def compare_one(args: argparse.Namespace, dtype: str, vit_cache: str, *, profile
     if ts is not None:
         timing["torch"] = {**result.pop("torch"), **timing["torch"]}
     if peak_calls:
-        peak = mfu.peak_summary(timing.pop("peak_times"), mfu.peak_dtype(config))
+        peak = mfu.peak_summary(timing.pop("peak_times"), peak_dtype)
         result["roofline"] = {**roofline(model_flops, peak["best_flops_per_s"], timing["jax"]["median_s"],
                                          timing["torch"]["median_s"]), "peak": peak}
     result.update(timing)
